@@ -1,0 +1,165 @@
+"""Baselines at matched budgets: ``random`` (vision and LLM) and ``pool`` (vision, average pooling of units).
+
+A method that cannot beat these is not worth its cost. They are also the strategies of the invariant matrix.
+
+Randomness is seeded and batch-invariant: the choice for an image (vision) or a row (LLM) depends only on the
+seed and that image's / row's own shape, never on what else is in the batch, so row *b* of a batch makes the
+same choice as the same prompt alone.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from pydantic import Field
+
+from tokcomp.config import LayerField, StrategyConfig
+from tokcomp.hookspecs import hookimpl
+from tokcomp.strategy import LLMPruner, ViTCompressor
+from tokcomp.tokens import LLMStep, Selection, VisionContext, VisionTokens
+
+
+def _scores(n: int, *key: int) -> torch.Tensor:
+    """Float32[n] uniform scores from a generator seeded by ``key`` (deterministic, CPU)."""
+    seed = 0
+    for k in key:
+        seed = (seed * 1_000_003 + int(k) + 1) % (2 ** 62)
+    return torch.rand(n, generator=torch.Generator().manual_seed(seed))
+
+
+def _unit_windows(tokens: VisionTokens, ctx: VisionContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(unit_ids[U'], rows[U', u], segment[U'])`` of the complete units present in ``tokens``."""
+    ids, rows = tokens.units()
+    return ids, rows, ctx.layout.unit_segment.to(ids.device)[ids]
+
+
+class RandomVisionConfig(StrategyConfig):
+    layer: int | None = LayerField(0, tower="vision",
+                                   description="drop after this vision block (None: after the last block)")
+    seed: int = Field(0, ge=0, description="random seed")
+
+
+class RandomVision(ViTCompressor):
+    """Keep a seeded random subset of units (2x2 patch groups) of every segment after a vision block."""
+
+    name = "random"
+    summary = "random units kept per image/frame/tile (baseline)"
+    granularity = "unit"
+    Config = RandomVisionConfig
+
+    def _at(self, ctx: VisionContext) -> int:
+        return ctx.depth - 1 if self.config.layer is None else self.config.layer
+
+    def after_block(self, i: int, tokens: VisionTokens, ctx: VisionContext) -> VisionTokens:
+        if i != self._at(ctx) or self.config.is_noop_budget:
+            return tokens
+        ids, rows, seg = _unit_windows(tokens, ctx)
+        grid = ctx.layout.segment_grid
+        keep_rows = [rows[:0].reshape(-1)]
+        for s in torch.unique(seg).tolist():
+            members = (seg == s).nonzero()[:, 0]
+            k = self.config.keep_count(len(members))
+            t, h, w = grid[s].tolist()
+            score = _scores(len(members), self.config.seed, t, h, w, len(members))
+            chosen = members[torch.topk(score, k).indices.sort().values.to(members.device)]
+            keep_rows.append(rows[chosen].reshape(-1))
+        keep = torch.cat(keep_rows)
+        cls_rows = tokens.cls.nonzero()[:, 0]
+        return tokens.select(torch.cat([cls_rows, keep]).sort().values)
+
+
+class PoolConfig(StrategyConfig):
+    layer: int | None = LayerField(None, tower="vision",
+                                   description="pool after this vision block (None: after the last block)")
+
+
+class Pool(ViTCompressor):
+    """Average-pool whole units over ``ph x pw`` windows of each segment's unit grid (size-weighted, patch-wise).
+
+    The window is the near-square factorisation of ``round(1 / keep_ratio)`` (wider than tall), or of
+    ``ceil(units / num_tokens)``; partial windows at the edges pool fewer units. Each pooled unit sits at the
+    placeholder (and the positions) of its window's top-left unit."""
+
+    name = "pool"
+    summary = "2-D average pooling of units on the unit grid (baseline)"
+    granularity = "unit"
+    Config = PoolConfig
+
+    @staticmethod
+    def window(area: int) -> tuple[int, int]:
+        """``(ph, pw)``: the most square factorisation of ``area`` with ``ph <= pw``."""
+        area = max(1, int(area))
+        ph = max(d for d in range(1, int(math.isqrt(area)) + 1) if area % d == 0)
+        return ph, area // ph
+
+    def _area(self, n_units: int) -> int:
+        if self.config.num_tokens is not None:
+            return max(1, math.ceil(n_units / self.config.num_tokens))
+        return max(1, round(1.0 / float(self.config.keep_ratio)))
+
+    def after_block(self, i: int, tokens: VisionTokens, ctx: VisionContext) -> VisionTokens:
+        at = ctx.depth - 1 if self.config.layer is None else self.config.layer
+        if i != at or self.config.is_noop_budget:
+            return tokens
+        ids, rows, seg = _unit_windows(tokens, ctx)
+        cell = ctx.layout.unit_grid.to(ids.device)[ids]  # (t, h, w) per unit
+        window = torch.empty_like(ids)
+        for s in torch.unique(seg).tolist():
+            m = seg == s
+            ph, pw = self.window(self._area(int(m.sum())))
+            t, h, w = cell[m].unbind(-1)
+            wh, ww = h // ph, w // pw
+            n_w = int(ww.max()) + 1
+            local = (t * (int(wh.max()) + 1) + wh) * n_w + ww
+            window[m] = local + (s << 32)  # unique per segment
+        _, win = torch.unique(window, return_inverse=True)
+        n_win = int(win.max()) + 1
+        x = tokens.hidden[rows]                                   # [U, u, C]
+        sz = tokens.size[rows].to(torch.float32)                  # [U, u]
+        acc = torch.zeros(n_win, *x.shape[1:], dtype=torch.float32, device=x.device)
+        acc.index_add_(0, win.to(x.device), (x.float() * sz[..., None].to(x.device)))
+        tot = torch.zeros(n_win, sz.shape[1], dtype=torch.float32, device=sz.device).index_add_(0, win.to(sz.device), sz)
+        pooled = (acc / tot[..., None].to(acc.device)).to(x.dtype)
+        # representative = the window's first unit in id order (its top-left unit)
+        first = torch.full((n_win,), ids.numel(), dtype=torch.long, device=ids.device)
+        first.scatter_reduce_(0, win, torch.arange(ids.numel(), device=ids.device), reduce="amin")
+        rep_rows = rows[first].reshape(-1)
+        out = tokens.select(rep_rows)
+        out = out.with_hidden(pooled.reshape(-1, x.shape[-1]), size=tot.reshape(-1).to(tokens.size.dtype))
+        cls_rows = tokens.cls.nonzero()[:, 0]
+        if cls_rows.numel():
+            out = VisionTokens.cat([tokens.select(cls_rows), out])
+        order = torch.argsort(out.origin)
+        return out.select(order)
+
+
+class RandomLLMConfig(StrategyConfig):
+    layer: int = LayerField(1, tower="llm", description="prune after this decoder layer (FastV's K=2 is layer 1)")
+    seed: int = Field(0, ge=0, description="random seed")
+
+
+class RandomLLM(LLMPruner):
+    """Keep a seeded random subset of each row's visual tokens after one decoder layer."""
+
+    name = "random"
+    summary = "random visual tokens kept after one LLM layer (baseline)"
+    Config = RandomLLMConfig
+
+    def prune_layers(self, n_layers: int) -> list[int]:
+        return [] if self.config.is_noop_budget else [self.config.layer]
+
+    def select(self, step: LLMStep, ctx: dict) -> Selection:
+        keep = []
+        for b in range(step.visual.shape[0]):
+            pos = step.visual[b].nonzero()[:, 0]
+            k = self.config.keep_count(int(step.n_visual_original[b])) if pos.numel() else 0
+            k = min(k, pos.numel())
+            score = _scores(pos.numel(), self.config.seed, int(step.n_visual_original[b]))
+            keep.append(pos[torch.topk(score, k).indices.to(pos.device)])
+        return Selection(keep=keep)
+
+
+@hookimpl
+def tokcomp_register(registry):
+    for cls in (RandomVision, Pool, RandomLLM):
+        registry.add_strategy(cls)

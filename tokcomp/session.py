@@ -1,0 +1,181 @@
+"""``tokcomp.compress(model, spec | vision=..., llm=...)``: a reversible session (context manager).
+
+Everything is validated before the first forward: names, configs, layer indices against the model's depth,
+the adapter's ability to serve the strategies. On exit, also after an exception, every hook, attribute and
+attention-backend change is removed. A session's state lives on the session object, never on the model
+after exit; a second concurrent session on one model is refused.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from tokcomp.errors import ConfigError, SessionError
+from tokcomp.spec import Pair, parse_spec
+
+_MARK = "_tokcomp_session"  # set on the model only while a session is open
+
+
+@dataclass
+class ForwardRecord:
+    """Achieved visual-token counts of one model call.
+
+    Attributes:
+        vision_blocks: tokens in the vision tower after each block ``{block: N}`` (all images of the call).
+        vision_out: visual tokens leaving the vision side per image (LLM tokens, after the merger).
+        llm_layers: visual tokens per batch row entering each decoder layer ``{layer: [n_row0, ...]}``.
+        llm_in: visual tokens per row entering the LLM.
+    """
+
+    vision_blocks: dict[int, int] = field(default_factory=dict)
+    vision_in: int = 0
+    vision_out: list[int] = field(default_factory=list)
+    llm_in: list[int] = field(default_factory=list)
+    llm_layers: dict[int, list[int]] = field(default_factory=dict)
+
+
+@dataclass
+class Report:
+    """What a session measured; see :attr:`Session.report`."""
+
+    spec: str
+    adapter: str
+    vision: list[ForwardRecord] = field(default_factory=list)
+    prefill: list[ForwardRecord] = field(default_factory=list)
+
+    @property
+    def last(self) -> ForwardRecord | None:
+        """The most recent prefill record (merged with its vision call), or None."""
+        return self.prefill[-1] if self.prefill else (self.vision[-1] if self.vision else None)
+
+
+def _resolve_pair(spec: Any, vision: Any, llm: Any, registry) -> Pair:
+    from tokcomp.registry import default_registry
+    from tokcomp.spec import build_pair, load_spec_file, spec_from_data
+    from tokcomp.strategy import Strategy
+    reg = registry or default_registry()
+    if spec is not None and (vision is not None or llm is not None):
+        raise ConfigError("give either a spec or vision=/llm=, not both")
+    if isinstance(spec, Pair):
+        return spec
+    if isinstance(spec, str):
+        if spec.lower().endswith((".json", ".yaml", ".yml")):
+            return load_spec_file(spec, reg)
+        return parse_spec(spec, reg)
+    if isinstance(spec, dict):
+        return spec_from_data(spec, reg)
+    if spec is not None:
+        raise ConfigError(f"cannot use {type(spec).__name__} as a spec; give a string like "
+                          "'pool(keep_ratio=0.5)+random(keep_ratio=0.5)', a dict, or vision=/llm=")
+    slots = {}
+    for stage, value in (("vision", vision), ("llm", llm)):
+        if value is None:
+            continue
+        if isinstance(value, str):
+            pair = build_pair([_one_part(value)], reg, value, [stage])
+            s = pair.vision or pair.llm
+        elif isinstance(value, Strategy):
+            s = value
+        else:
+            raise ConfigError(f"{stage}= takes a strategy name, a spec part like 'tome(keep_ratio=0.5)' or a "
+                              f"strategy from tokcomp.get(...), not {type(value).__name__}")
+        if s is not None and s.stage != stage:
+            want = "vision compressor" if stage == "vision" else "LLM pruner"
+            raise ConfigError(f"{s.name!r} is a {s.stage} strategy but was given as {stage}=; {stage}= takes a "
+                              f"{want}. Fix: pass it as {s.stage}={s.name!r}.")
+        slots[stage] = s
+    return Pair(slots.get("vision"), slots.get("llm"))
+
+
+def _one_part(text: str):
+    from tokcomp.spec import _parse_part
+    return _parse_part(text, text)
+
+
+class Session:
+    """A configured pair bound to one model. Use as a context manager (see :func:`compress`)."""
+
+    def __init__(self, model, pair: Pair, registry=None):
+        from tokcomp.registry import default_registry
+        self.model = model
+        self.pair = pair
+        self.registry = registry or default_registry()
+        self._check_model(model)
+        adapter_cls = self.registry.resolve_adapter(model)
+        self.adapter = adapter_cls(model)
+        depths = self.adapter.depths()
+        for s in (pair.vision, pair.llm):
+            if s is not None:
+                s.validate(depths)
+        self.adapter.check(pair.vision, pair.llm)
+        self.report = Report(spec=pair.spec, adapter=adapter_cls.name)
+        self._open = False
+
+    @staticmethod
+    def _check_model(model) -> None:
+        try:
+            from torch._dynamo.eval_frame import OptimizedModule
+        except Exception:  # noqa: BLE001
+            OptimizedModule = ()  # type: ignore[assignment]
+        if OptimizedModule and isinstance(model, OptimizedModule):
+            raise SessionError("torch.compile'd models are not supported: token compression changes sequence "
+                               "lengths between layers. Fix: open the session on the uncompiled model "
+                               "(model._orig_mod).")
+
+    @property
+    def vision(self):
+        return self.pair.vision
+
+    @property
+    def llm(self):
+        return self.pair.llm
+
+    @property
+    def spec(self) -> str:
+        return self.pair.spec
+
+    def __repr__(self) -> str:
+        return f"<tokcomp.Session {self.spec!r} on {type(self.model).__name__} ({'open' if self._open else 'closed'})>"
+
+    def __enter__(self) -> "Session":
+        if self._open:
+            raise SessionError("this session is already open; a session is entered once at a time")
+        other = getattr(self.model, _MARK, None)
+        if other is not None:
+            raise SessionError(f"a tokcomp session is already active on this model ({other.spec!r}); two sessions "
+                               "on one model at once are refused. Fix: exit the other session first, or compose "
+                               "both strategies in one spec ('vision+llm').")
+        try:
+            self.adapter.attach(self)
+        except BaseException:
+            self.adapter.detach()  # nothing half-patched
+            raise
+        self.model.__dict__[_MARK] = self
+        self._open = True
+        self.registry.pm.hook.tokcomp_session_opened(session=self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Remove everything the session added (idempotent)."""
+        if not self._open:
+            return
+        try:
+            self.adapter.detach()
+        finally:
+            self.model.__dict__.pop(_MARK, None)
+            self._open = False
+            self.registry.pm.hook.tokcomp_session_closed(session=self)
+
+
+def compress(model, spec: Any = None, *, vision: Any = None, llm: Any = None, registry=None) -> Session:
+    """Bind a vision compressor and/or an LLM pruner to ``model``; returns a :class:`Session` to use in ``with``.
+
+    ``spec`` is a string (``"ipcv(keep_ratio=0.35)+dart(layer=2,keep_ratio=0.35)"``), a JSON/YAML file path,
+    a dict, or omitted in favour of ``vision=`` / ``llm=`` (names, spec parts, or ``tokcomp.get(...)`` objects).
+    Everything is validated here, before any forward.
+    """
+    pair = _resolve_pair(spec, vision, llm, registry)
+    return Session(model, pair, registry)

@@ -33,8 +33,20 @@ class Pair:
 
     @property
     def spec(self) -> str:
-        parts = [s.spec for s in (self.vision, self.llm) if s is not None]
-        return "+".join(parts) if parts else "none"
+        """``vision+llm``; a lone strategy whose name exists on both stages keeps a ``none`` for its position."""
+        if self.vision is None and self.llm is None:
+            return "none"
+        if self.vision is not None and self.llm is not None:
+            return f"{self.vision.spec}+{self.llm.spec}"
+        s = self.vision or self.llm
+        from tokcomp.registry import default_registry
+        try:
+            ambiguous = len(default_registry().stages_of(s.name)) == 2
+        except ConfigError:
+            ambiguous = False
+        if not ambiguous:
+            return s.spec
+        return f"{s.spec}+none" if s is self.vision else f"none+{s.spec}"
 
     def __str__(self) -> str:
         return self.spec

@@ -1,0 +1,92 @@
+"""The baselines against hand-written references on synthetic token sets (toy layout: units stored 2x2-consecutive)."""
+import pytest
+import torch
+
+import tokcomp
+from tokcomp.tokens import LLMStep, VisionContext
+from toymodel import toy_layout, toy_tokens
+
+
+def _tokens(grids, c=6, seed=0):
+    layout = toy_layout(grids)
+    g = torch.Generator().manual_seed(seed)
+    return toy_tokens(torch.randn(layout.n_tokens, c, generator=g), layout), layout
+
+
+def test_random_vision_keeps_whole_units_per_segment_deterministically():
+    grids = [(4, 4), (2, 6), (6, 6)]
+    tokens, layout = _tokens(grids)
+    s = tokcomp.get("random", stage="vision", keep_ratio=0.5, layer=0)
+    ctx = VisionContext(layout, depth=2)
+    out = s.after_block(0, tokens, ctx)
+    ids, rows = out.units()
+    assert rows.shape[1] == 4
+    per_seg = torch.bincount(layout.unit_segment[ids], minlength=3).tolist()
+    assert per_seg == [2, 2, 4]                       # round(4*.5), round(3*.5)=2, round(9*.5)=4
+    assert torch.equal(out.origin, out.origin.sort().values)
+    assert torch.equal(s.after_block(0, tokens, ctx).origin, out.origin)   # deterministic
+    assert s.after_block(1, tokens, ctx) is tokens                           # only at its layer
+
+
+def test_random_vision_choice_of_an_image_does_not_depend_on_the_batch():
+    s = tokcomp.get("random", stage="vision", keep_ratio=0.5, layer=0, seed=7)
+    alone, la = _tokens([(6, 6)])
+    both, lb = _tokens([(4, 4), (6, 6)])
+    keep_alone = s.after_block(0, alone, VisionContext(la, 1)).origin
+    keep_both = s.after_block(0, both, VisionContext(lb, 1)).origin
+    assert torch.equal(keep_both[keep_both >= 16] - 16, keep_alone)
+
+
+def _naive_pool(tokens, layout, ph, pw):
+    out = {}
+    for u in range(layout.n_units):
+        s = int(layout.unit_segment[u])
+        _, uh, uw = layout.unit_grid[u].tolist()
+        out.setdefault((s, uh // ph, uw // pw), []).append(u)
+    result = []
+    for key in sorted(out, key=lambda k: min(out[k])):
+        members = out[key]
+        x = torch.stack([tokens.hidden[layout.unit_patches[u]] for u in members])   # [m, 4, C]
+        result.append((min(members), x.mean(0), len(members)))
+    return result
+
+
+@pytest.mark.parametrize("keep, window", [(0.5, (1, 2)), (0.25, (2, 2)), (0.34, (1, 3)), (1 / 6, (2, 3))])
+def test_pool_matches_a_naive_window_average(keep, window):
+    assert tokcomp.get("pool", keep_ratio=keep).window(round(1 / keep)) == window
+    grids = [(4, 6), (6, 6)]
+    tokens, layout = _tokens(grids)
+    s = tokcomp.get("pool", keep_ratio=keep)
+    out = s.after_block(1, tokens, VisionContext(layout, depth=2))
+    ids, rows = out.units()
+    ref = _naive_pool(tokens, layout, *window)
+    assert ids.tolist() == [r[0] for r in ref]
+    for j, (_, mean, m) in enumerate(ref):
+        torch.testing.assert_close(out.hidden[rows[j]], mean, rtol=1e-5, atol=1e-6)
+        assert out.size[rows[j]].tolist() == [float(m)] * 4
+
+
+def test_pool_keep_one_is_identity():
+    tokens, layout = _tokens([(4, 4)])
+    out = tokcomp.get("pool", keep_ratio=1.0).after_block(1, tokens, VisionContext(layout, 2))
+    assert out is tokens
+
+
+def _step(n_vis_rows, L=20):
+    B = len(n_vis_rows)
+    visual = torch.zeros(B, L, dtype=torch.bool)
+    for b, n in enumerate(n_vis_rows):
+        visual[b, 3:3 + n] = True
+    h = torch.randn(B, L, 4)
+    return LLMStep(layer=1, hidden=h, hidden_in=h, visual=visual, valid=torch.ones(B, L, dtype=torch.bool),
+                   spans=[[] for _ in range(B)], n_visual_original=visual.sum(1))
+
+
+def test_random_llm_budget_per_row_and_batch_invariance():
+    s = tokcomp.get("random", stage="llm", keep_ratio=0.5, seed=3)
+    sel = s.select(_step([12, 8]), {})
+    assert [len(k) for k in sel.keep] == [6, 4]
+    assert all(bool(_step([12, 8]).visual[b, k].all()) for b, k in enumerate(sel.keep))
+    alone = s.select(_step([8]), {})
+    assert torch.equal(alone.keep[0].sort().values, sel.keep[1].sort().values)
+    assert s.prune_layers(4) == [1] and tokcomp.get("random", stage="llm", keep_ratio=1.0).prune_layers(4) == []

@@ -1,0 +1,139 @@
+"""The ``tokcomp`` command: ``list``, ``schema NAME``, ``run``."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+
+
+def _flags(cls) -> str:
+    f = cls.flags()
+    out = []
+    if f["attention_rows"]:
+        out.append("attn-rows(beside sdpa/flash)")
+    if f["keys"]:
+        out.append("keys")
+    out.append("flash" if f["flash"] else "no-flash")
+    if f["video"]:
+        out.append("video")
+    if f["batch"]:
+        out.append("batch")
+    return ",".join(out)
+
+
+def cmd_list(args) -> int:
+    from tokcomp.registry import default_registry
+    reg = default_registry()
+    rows = [("name", "stage", "granularity", "flags", "tested adapters", "paper")]
+    for c in reg.strategies(args.stage):
+        rows.append((c.name, c.stage, c.granularity, _flags(c), ",".join(c.tested_adapters), c.paper or "-"))
+    _table(rows)
+    print()
+    rows = [("adapter", "models", "hook points")]
+    for a in reg.adapters():
+        rows.append((a.name, ", ".join(a.model_classes), ", ".join(a.provides) or "-"))
+    _table(rows)
+    for name, why in reg.failed.items():
+        print(f"\n! plugin {name!r} failed to load: {why}")
+    return 0
+
+
+def _table(rows) -> None:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    for j, r in enumerate(rows):
+        print("  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip())
+        if j == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def cmd_schema(args) -> int:
+    from tokcomp.registry import default_registry
+    reg = default_registry()
+    stages = [args.stage] if args.stage else reg.stages_of(args.name)
+    if not stages:
+        reg.strategy_class(args.name)  # raises the "unknown strategy" error with suggestions
+    schemas = {}
+    for st in stages:
+        cls = reg.strategy_class(args.name, st)
+        schema = cls.Config.model_json_schema()
+        schema["title"] = f"{cls.name} ({cls.stage})"
+        schemas[st] = schema
+    print(json.dumps(schemas[stages[0]] if len(schemas) == 1 else schemas, indent=2))
+    return 0
+
+
+def cmd_run(args) -> int:
+    from tokcomp.run import build_inputs, compare, load
+    from tokcomp.testing.images import procedural_image
+    model, processor, vlm = load(args.model, attn=args.attn, dtype=args.dtype)
+    if args.image:
+        from PIL import Image
+        image = Image.open(args.image).convert("RGB")
+    else:
+        image = procedural_image(*args.size, kind="shapes", seed=0)
+    inputs = build_inputs(model, processor, vlm, image, args.prompt)
+    base, comp, session = compare(model, processor, inputs, args.spec, args.max_new_tokens, args.repeats)
+    print(f"model   {args.model} ({type(model).__name__}, {args.attn}, {args.dtype})")
+    print(f"image   {args.image or 'procedural %dx%d' % tuple(args.size)}   prompt {args.prompt!r}")
+    print(f"spec    {session.spec}   (adapter {session.report.adapter})")
+    print()
+    rows = [("", "answer", "ttft ms", "generate ms", "decode ms/tok")]
+    for label, r in (("unmodified", base), ("with spec", comp)):
+        rows.append((label, repr(r.answer[:60]), f"{r.ttft_s * 1e3:.1f}", f"{r.total_s * 1e3:.1f}",
+                     f"{r.decode_s_per_token * 1e3:.2f}"))
+    rows.append(("ratio", "", f"{comp.ttft_s / base.ttft_s:.2f}", f"{comp.total_s / base.total_s:.2f}",
+                 f"{comp.decode_s_per_token / max(base.decode_s_per_token, 1e-9):.2f}"))
+    _table(rows)
+    print()
+    v, p = comp.vision, comp.record
+    if v is not None:
+        blocks = " ".join(f"{i}:{n}" for i, n in sorted(v.vision_blocks.items()))
+        print(f"vision tower tokens   in {v.vision_in}   after each block {blocks}")
+        print(f"visual tokens to LLM  {sum(v.vision_out)} (per image {v.vision_out})")
+    if p is not None:
+        print(f"LLM visual tokens     in {p.llm_in} per row")
+        layers = " ".join(f"{i}:{'/'.join(map(str, n))}" for i, n in sorted(p.llm_layers.items()))
+        print(f"  entering each layer {layers}")
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="tokcomp", description="visual-token compression for multimodal LLMs")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("list", help="strategies and adapters")
+    s.add_argument("--stage", choices=["vision", "llm"])
+    s.set_defaults(fn=cmd_list)
+    s = sub.add_parser("schema", help="the JSON schema of a strategy's config")
+    s.add_argument("name")
+    s.add_argument("--stage", choices=["vision", "llm"], help="for names used by both stages (random)")
+    s.set_defaults(fn=cmd_schema)
+    s = sub.add_parser("run", help="answer one prompt with and without a spec; token counts and timings")
+    s.add_argument("--model", default="tiny-qwen2-vl",
+                   help="tiny-qwen2-vl | tiny-qwen2.5-vl | tiny-internvl | a preset of tokcomp.testing | local PATH")
+    s.add_argument("--spec", default="pool(keep_ratio=0.5)+random(keep_ratio=0.5)")
+    s.add_argument("--image", help="image file (default: a procedural image)")
+    s.add_argument("--size", type=int, nargs=2, default=(112, 112), metavar=("H", "W"),
+                   help="procedural image size when no --image is given")
+    s.add_argument("--prompt", default="describe the image")
+    s.add_argument("--max-new-tokens", type=int, default=16)
+    s.add_argument("--repeats", type=int, default=3, help="timing repeats (median)")
+    s.add_argument("--attn", default="sdpa", help="attention implementation (sdpa, eager, flash_attention_2)")
+    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    s.set_defaults(fn=cmd_run)
+    args = p.parse_args(argv)
+    import torch
+    if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in __import__("os").environ:
+        torch.set_num_threads(1)
+    from tokcomp.errors import TokcompError
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            return args.fn(args)
+    except TokcompError as e:
+        print(f"tokcomp: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

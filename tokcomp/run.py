@@ -1,0 +1,95 @@
+"""``tokcomp run``: one prompt answered with and without a spec, with achieved token counts and timings.
+
+Timings are adapter-agnostic: time to first token (vision tower + prefill, from ``generate(max_new_tokens=1)``),
+the whole ``generate``, and decode time per token derived from the two; each is the median of ``repeats`` runs.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Run:
+    """One side of the comparison (baseline or with the spec)."""
+
+    answer: str
+    ttft_s: float
+    total_s: float
+    new_tokens: int
+    record: Any = None            # tokcomp.session.ForwardRecord of the prefill (None for the baseline)
+    vision: Any = None            # the vision ForwardRecord
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def decode_s_per_token(self) -> float:
+        return (self.total_s - self.ttft_s) / max(1, self.new_tokens - 1)
+
+
+def load(model: str, attn: str = "sdpa", dtype: str = "float32"):
+    """``(model, processor, family)`` for a preset name of :mod:`tokcomp.testing` or a local checkpoint path."""
+    from pathlib import Path
+
+    from tokcomp.testing import MODEL_PRESETS, build_model
+    torch_dtype = getattr(torch, dtype)
+    if model in MODEL_PRESETS:
+        vlm = build_model(model, attn=attn, dtype=torch_dtype)
+        return vlm.model, vlm.processor, vlm
+    if not Path(model).exists():
+        raise SystemExit(f"--model {model!r} is neither a preset ({', '.join(MODEL_PRESETS)}) nor a local path")
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    m = AutoModelForImageTextToText.from_pretrained(model, attn_implementation=attn, dtype=torch_dtype).eval()
+    return m, AutoProcessor.from_pretrained(model), None
+
+
+def build_inputs(model, processor, vlm, image, prompt: str):
+    """Processor inputs for one image and one user text (chat template applied)."""
+    if vlm is not None:
+        from tokcomp.testing import make_inputs
+        return make_inputs(vlm, [image], prompt)
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    text = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    return processor(text=[text], images=[image], return_tensors="pt").to(model.device)
+
+
+def _generate(model, inputs, n: int):
+    with torch.inference_mode():
+        return model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+
+
+def _median_time(fn, repeats: int) -> float:
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def measure(model, processor, inputs, max_new_tokens: int, repeats: int) -> Run:
+    """Answer + timings of the current model state (inside or outside a session)."""
+    out = _generate(model, inputs, max_new_tokens)
+    prompt_len = inputs["input_ids"].shape[1]
+    answer = processor.batch_decode(out[:, prompt_len:], skip_special_tokens=True)[0]
+    ttft = _median_time(lambda: _generate(model, inputs, 1), repeats)
+    total = _median_time(lambda: _generate(model, inputs, max_new_tokens), repeats)
+    return Run(answer, ttft, total, int(out.shape[1] - prompt_len))
+
+
+def compare(model, processor, inputs, spec: str, max_new_tokens: int = 16, repeats: int = 3):
+    """``(baseline Run, compressed Run, session)`` for ``spec`` on ``inputs``."""
+    import tokcomp
+    base = measure(model, processor, inputs, max_new_tokens, repeats)
+    session = tokcomp.compress(model, spec)
+    with session:
+        comp = measure(model, processor, inputs, max_new_tokens, repeats)
+    rep = session.report
+    comp.record = rep.prefill[-1] if rep.prefill else None
+    comp.vision = rep.vision[-1] if rep.vision else None
+    return base, comp, session

@@ -56,12 +56,13 @@ class StrategyConfig(BaseModel):
 
     # -- budget ---------------------------------------------------------------------------------------
     def keep_count(self, n: int, minimum: int = 1) -> int:
-        """Visual tokens to keep out of ``n``: ``round(n * keep_ratio)`` or ``min(num_tokens, n)``,
-        clamped to ``[min(minimum, n), n]``. keep_ratio=1.0 always keeps all ``n``."""
-        if n <= 0:
-            return 0
-        k = min(self.num_tokens, n) if self.num_tokens is not None else int(round(n * float(self.keep_ratio or 1.0)))
-        return max(min(minimum, n), min(k, n))
+        """Visual tokens to keep out of ``n``: ``floor(n * keep_ratio + 0.5)`` (round half up) clamped to
+        ``[minimum, n]``, or ``min(num_tokens, n)``. keep_ratio=1.0 always keeps all ``n``.
+        One rounding rule for every strategy: :func:`tokcomp.ops.select.keep_count`."""
+        from tokcomp.ops.select import keep_count
+        if self.num_tokens is not None:
+            return keep_count(max(n, 0), num_tokens=self.num_tokens)
+        return keep_count(max(n, 0), keep_ratio=float(self.keep_ratio or 1.0), minimum=minimum)
 
     @property
     def is_noop_budget(self) -> bool:

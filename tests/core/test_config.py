@@ -38,7 +38,7 @@ def test_default_budget_is_applied_but_not_printed():
     assert build_config(Defaulted, "d", {"num_tokens": 5}).keep_ratio is None
 
 
-@pytest.mark.parametrize("n, r, expected", [(10, 0.5, 5), (10, 0.35, 4), (7, 0.5, 4), (3, 0.01, 1), (0, 0.5, 0),
+@pytest.mark.parametrize("n, r, expected", [(10, 0.5, 5), (10, 0.35, 4), (7, 0.5, 4), (10, 0.25, 3), (3, 0.01, 1), (0, 0.5, 0),
                                             (576, 1.0, 576)])
 def test_keep_count_rounds_and_clamps(n, r, expected):
     assert make(keep_ratio=r).keep_count(n) == expected

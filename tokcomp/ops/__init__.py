@@ -6,7 +6,7 @@ its tensor shapes.
 
 from .cluster import dpc_knn, merge_clusters
 from .dart import dart_quotas, dart_select
-from .knn import knn, neighbor_guided_reconstruction, smallest_k
+from .knn import knn, knn_where, neighbor_guided_reconstruction, smallest_k
 from .matching import (
     Match,
     bipartite_soft_matching,
@@ -27,6 +27,7 @@ __all__ = [
     "dpc_knn",
     "keep_count",
     "knn",
+    "knn_where",
     "lowpass_mask",
     "lowpass_residual_energy",
     "matching_per_segment",

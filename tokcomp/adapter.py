@@ -100,3 +100,17 @@ class Adapter:
     def detach(self) -> None:
         """Remove everything :meth:`attach` added."""
         self.surgery.undo()
+
+    # -- optional: measurement ----------------------------------------------------------------------------
+    def dims(self):
+        """``(tokcomp.metrics.flops.VisionDims, LLMDims)`` of the model, for the FLOPs model."""
+        raise NotImplementedError(f"adapter {self.name!r} does not describe its dimensions")
+
+    def stage_modules(self) -> dict:
+        """``{"vision": tower module, "llm": decoder stack}`` to time (see tokcomp.metrics.timers)."""
+        return {}
+
+    def image_features(self, inputs) -> "object":
+        """Visual tokens entering the LLM for ``inputs`` (Tensor[U, D], placeholder order). Inside a session,
+        dropped units are zero rows; used for vision-side fidelity."""
+        raise NotImplementedError(f"adapter {self.name!r} cannot return image features")

@@ -98,6 +98,54 @@ def cmd_run(args) -> int:
     return 0
 
 
+BENCH_MODELS = {
+    # name: (tokcomp.testing preset, overrides, default procedural image sizes (H, W))
+    "tiny-qwen2-vl": ("tiny-qwen2-vl", {}, [(112, 112), (84, 112)]),
+    "tiny-qwen2.5-vl": ("tiny-qwen2.5-vl", {}, [(112, 112), (84, 112)]),
+    "tiny-internvl": ("tiny-internvl", {}, [(112, 112), (56, 112)]),
+    # real depths, reduced widths, real token counts (~1,000 visual tokens per image)
+    "bench-qwen2-vl-2b": ("qwen2-vl-2b-shaped", {"width": 256}, [(896, 896)]),
+    "bench-internvl3-1b": ("internvl3-1b-shaped", {"width": 256}, [(448, 896)]),
+}
+
+
+def cmd_bench(args) -> int:
+    import platform
+
+    import torch
+    import transformers
+
+    from tokcomp import bench
+    from tokcomp.run import build_inputs, load
+    from tokcomp.testing.images import procedural_image
+    if args.model in BENCH_MODELS:
+        from tokcomp.testing import build_model
+        preset, over, sizes = BENCH_MODELS[args.model]
+        vlm = build_model(preset, attn=args.attn, dtype=getattr(torch, args.dtype), **over)
+        model, processor = vlm.model, vlm.processor
+    else:
+        model, processor, vlm = load(args.model, attn=args.attn, dtype=args.dtype)
+        sizes = [(448, 448)]
+    if args.images:
+        from PIL import Image
+        images = [Image.open(p).convert("RGB") for p in args.images]
+    else:
+        images = [procedural_image(h, w, kind="shapes", seed=i) for i, (h, w) in enumerate(sizes)]
+    inputs = [build_inputs(model, processor, vlm, im, args.prompt) for im in images]
+    keeps = [float(k) for k in args.keep.split(",") if k.strip()]
+    rows = bench.run(model, inputs, args.pairs, keeps, new_tokens=args.new_tokens, repeats=args.repeats,
+                     progress=not args.quiet)
+    meta = {"model": args.model, "class": type(model).__name__, "attn": args.attn, "dtype": args.dtype,
+            "images": [list(im.size) for im in images], "new_tokens": args.new_tokens, "repeats": args.repeats,
+            "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+            "machine": platform.machine(), "cpu_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    print(bench.table(rows))
+    paths = bench.write(rows, args.out, meta)
+    print("\nwrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="tokcomp", description="visual-token compression for multimodal LLMs")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -121,6 +169,20 @@ def main(argv=None) -> int:
     s.add_argument("--attn", default="sdpa", help="attention implementation (sdpa, eager, flash_attention_2)")
     s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     s.set_defaults(fn=cmd_run)
+    s = sub.add_parser("bench", help="every pair x budget vs the unmodified model: table, JSON and a PNG plot")
+    s.add_argument("--model", default="tiny-qwen2-vl", help=" | ".join(BENCH_MODELS) + " | local PATH")
+    s.add_argument("--pairs", default="pool+random,random+random,none",
+                   help='comma-separated pairs, e.g. "ipcv+dart,tome,fastv,none"')
+    s.add_argument("--keep", default="0.5,0.35,0.2", help="comma-separated keep ratios")
+    s.add_argument("--images", nargs="*", help="image files (default: procedural images)")
+    s.add_argument("--prompt", default="describe the image")
+    s.add_argument("--new-tokens", type=int, default=8)
+    s.add_argument("--repeats", type=int, default=3)
+    s.add_argument("--attn", default="sdpa")
+    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    s.add_argument("--out", default="bench-out", help="output folder for bench.json / bench.md / bench.png")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(fn=cmd_bench)
     args = p.parse_args(argv)
     import torch
     if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in __import__("os").environ:

@@ -22,6 +22,10 @@ class ForwardRecord:
 
     Attributes:
         vision_blocks: tokens in the vision tower after each block ``{block: N}`` (all images of the call).
+        vision_in: tokens entering the vision tower (all images of the call, CLS included).
+        vision_segments: initial tokens of each attention segment (image / frame / tile), for the FLOPs model.
+        vision_block_runs: optional exact cost inputs per block ``{block: (q per segment, kv per segment, mlp
+            tokens)}`` for blocks that ran a variant (extra keys/values, MLP subset).
         vision_out: visual tokens leaving the vision side per image (LLM tokens, after the merger).
         llm_layers: visual tokens per batch row entering each decoder layer ``{layer: [n_row0, ...]}``.
         llm_in: visual tokens per row entering the LLM.
@@ -29,6 +33,8 @@ class ForwardRecord:
 
     vision_blocks: dict[int, int] = field(default_factory=dict)
     vision_in: int = 0
+    vision_segments: list[int] = field(default_factory=list)
+    vision_block_runs: dict[int, tuple] = field(default_factory=dict)
     vision_out: list[int] = field(default_factory=list)
     llm_in: list[int] = field(default_factory=list)
     llm_layers: dict[int, list[int]] = field(default_factory=dict)

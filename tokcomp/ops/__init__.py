@@ -19,7 +19,12 @@ from .matching import (
 from .select import keep_count, segment_of, stable_order, topk_per_segment
 from .spectral import lowpass_mask, lowpass_residual_energy
 
+from .units import unit_features, unit_keep_rows, unit_match_rows
+
 __all__ = [
+    "unit_features",
+    "unit_keep_rows",
+    "unit_match_rows",
     "Match",
     "bipartite_soft_matching",
     "dart_quotas",

@@ -1,0 +1,206 @@
+"""SparseVLM (Zhang et al., "SparseVLM: Visual Token Sparsification for Efficient Vision-Language Model
+Inference", ICML'25; code ``Gumpest/SparseVLMs`` v1.5): progressive, text-guided LLM pruning with recycling.
+
+1. Text raters, once per prefill, from the layer-0 input embeddings: with V the row's visual embeddings and T
+   the text tokens after the row's first visual token, ``s = softmax(V @ T^T over T).mean over V``; the raters
+   are the text tokens with ``s > mean(s)`` (raw dot products, as the reference).
+2. At each stage (after layer ``l - 1``, i.e. on that layer's OUTPUT, so its own KV cache stays full), every
+   visual token is scored by the rater -> visual attention of layer ``l - 1``, averaged over heads and raters.
+   The adapter serves the rows of every text query (``attention_queries == "text"``); only rater rows are used.
+3. The best-scored visual tokens are kept. With ``recycle`` the best ``recycle_fraction`` of the dropped ones
+   (``int(0.3 * |dropped|) + 1``) are clustered by density peaks (DPC-kNN, ``int(p / cluster_size) + 1`` clusters)
+   and each cluster's mean hidden state replaces the hidden state of its centre token, which stays at its
+   original position (the reference appends merged tokens after the kept ones and renumbers positions).
+
+Budget: stages before layers {3, 7, 16} of 32 (the reference's ``pruning_loc = [2, 6, 15]``, which prunes the
+OUTPUT of those layers), scaled to the depth. The v1.5 fixed schedules (``score.py``, of 576 visual tokens:
+"192" -> 300/200/110, "128" -> 303/110/36, "96" -> 238/48/26, "64" -> 66/30/17) are the anchors of the budget
+interpolation in ``plugins/_progressive.py``; the default keep_ratio (≈0.3088) reproduces the "192" schedule on a
+32-layer LLM. Recycled tokens count toward a stage's budget (the reference adds them on top of it), so the
+achieved counts equal the schedule exactly.
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from pydantic import Field
+
+from tokcomp.hookspecs import hookimpl
+from tokcomp.ops.cluster import dpc_knn, merge_clusters
+from tokcomp.ops.schedule import scale_layers
+from tokcomp.ops.select import stable_order
+from tokcomp.plugins._progressive import ProgressiveConfig, ProgressivePruner, paper_keep_ratio, scaled_paper_anchors
+from tokcomp.plugins._rows import text_after_first_visual
+from tokcomp.tokens import LLMStep, Selection
+
+PAPER_DEPTH = 32
+#: pruning_loc [2, 6, 15] prunes after those layers = before 3, 7, 16
+PAPER_LAYERS = (3, 7, 16)
+#: v1.5 fixed budgets (score.py) as fractions of LLaVA's 576 visual tokens, keyed by RETAIN_TOKN
+PAPER_SCHEDULES = {192: (300, 200, 110), 128: (303, 110, 36), 96: (238, 48, 26), 64: (66, 30, 17)}
+PAPER_FRACTIONS = [tuple(v / 576 for v in s) for s in PAPER_SCHEDULES.values()]
+
+
+class SparseVLMConfig(ProgressiveConfig):
+    """SparseVLM: budget matched to a one-shot K=2 pruner (default: the v1.5 "192" schedule), or ``schedule``."""
+
+    default_keep_ratio: ClassVar[float] = paper_keep_ratio(PAPER_LAYERS, PAPER_FRACTIONS[0], PAPER_DEPTH)
+
+    recycle: bool = Field(True, description="merge the best dropped tokens into a few cluster tokens (v1.x)")
+    recycle_fraction: float = Field(0.3, gt=0.0, le=1.0,
+                                    description="share of the dropped tokens (best scores first) that is recycled "
+                                                "(reference: 0.3)")
+    cluster_size: int = Field(10, ge=1, description="recycled tokens per cluster: int(p / cluster_size) + 1 "
+                                                    "clusters (reference: 10)")
+
+
+def text_raters(visual: torch.Tensor, text: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """SparseVLM's text raters of one row.
+
+    Args:
+        visual: Tensor[V, D] layer-0 embeddings of the row's visual tokens.
+        text: Tensor[T, D] layer-0 embeddings of the text tokens after the first visual token.
+    Returns:
+        BoolTensor[T]: ``s > s.mean()`` with ``s = softmax(visual @ text^T, dim=T).mean(0)`` (float32, chunked
+        over V so memory stays O(chunk * T)).
+    """
+    n_t = text.shape[0]
+    if n_t == 0 or visual.shape[0] == 0:
+        return torch.zeros(n_t, dtype=torch.bool, device=text.device)
+    t = text.float()
+    acc = torch.zeros(n_t, dtype=torch.float32, device=text.device)
+    for s in range(0, visual.shape[0], chunk):
+        acc += (visual[s:s + chunk].float().to(t.device) @ t.T).softmax(-1).sum(0)
+    score = acc / visual.shape[0]
+    return score > score.mean()
+
+
+def recycle_select(score: torch.Tensor, n_keep: int, hidden: torch.Tensor | None, fraction: float = 0.3,
+                   cluster_size: int = 10) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Top-scored tokens plus recycled cluster tokens, ``n_keep`` in all, for one row.
+
+    Args:
+        score: Tensor[n] scores of the row's current visual tokens.
+        n_keep: tokens after this stage (recycled included), clamped to ``[0, n]``.
+        hidden: Tensor[n, D] their hidden states, or None (no recycling).
+        fraction / cluster_size: recycling parameters (module docstring).
+    Returns:
+        ``(kept LongTensor[n_keep - c], centres LongTensor[c], merged Tensor[c, D] or None)``; indices into the n
+        tokens, ``kept`` ascending. With m = n - n_keep nominally dropped tokens: ``p = min(int(fraction * m) + 1,
+        m)``, ``c = min(int(p / cluster_size) + 1, p, n_keep)``; the top ``n_keep - c`` are kept, the best ``p``
+        of the rest (score order, ties by lower index) are clustered with ``dpc_knn(k = c)`` and merged by mean
+        (one cluster: all p merged into the slot of the best-scored one; DPC's centre would be a tie there).
+    """
+    n = score.shape[0]
+    n_keep = max(0, min(int(n_keep), n))
+    order = stable_order(score)
+    empty = order[:0]
+    m = n - n_keep
+    if hidden is None or m == 0 or n_keep == 0:
+        return torch.sort(order[:n_keep]).values, empty, None
+    p = min(int(fraction * m) + 1, m)
+    c = min(p // cluster_size + 1, p, n_keep)
+    pool = order[n_keep - c:][:p]
+    x = hidden.index_select(0, pool.to(hidden.device))
+    if c == 1:  # one cluster: DPC's k=1 density is constant and its centre a tie; take the best-scored token
+        return torch.sort(order[:n_keep - 1]).values, pool[:1], merge_clusters(x, torch.zeros_like(pool), 1)
+    centers, assign = dpc_knn(x, c, c)
+    merged = merge_clusters(x, assign, c)
+    return torch.sort(order[:n_keep - c]).values, pool[centers.to(pool.device)], merged
+
+
+class SparseVLM(ProgressivePruner):
+    """Text-rater attention at a layer schedule, with recycling of the best pruned tokens."""
+
+    name = "sparsevlm"
+    paper = "https://arxiv.org/abs/2410.04417"
+    summary = "progressive: text-rater attention ranks visual tokens; best dropped ones recycled into merged tokens"
+    Config = SparseVLMConfig
+    needs_attention_rows = True
+    needs_keys = False
+    flash_compatible = True  # rater rows are computed beside the kernel, only at the prune layers
+    minimum = 1
+
+    _RATERS = "sparsevlm.raters"  # ctx key: per row, LongTensor of the raters' original indices
+
+    def default_layers(self, n_layers: int) -> list[int]:
+        return scale_layers(PAPER_LAYERS, PAPER_DEPTH, n_layers)
+
+    def anchors(self, layers: list[int], n_layers: int) -> list[list[float]]:
+        return scaled_paper_anchors(layers, PAPER_FRACTIONS)
+
+    def attention_queries(self, layer: int) -> str | None:
+        if len(self._depths) == 1:
+            return "text" if layer + 1 in self.stage_layers(next(iter(self._depths))) else None
+        return "text"
+
+    # -- raters -------------------------------------------------------------------------------------------
+    @staticmethod
+    def _index(step: LLMStep) -> torch.Tensor:
+        if step.embeds_index is not None:
+            return step.embeds_index
+        return torch.arange(step.visual.shape[1], device=step.visual.device).expand(step.visual.shape[0], -1)
+
+    def raters(self, step: LLMStep, ctx: dict[str, Any]) -> list[torch.Tensor]:
+        """Per row, the original indices of the text raters (computed once per prefill, kept in ``ctx``)."""
+        if self._RATERS in ctx:
+            return ctx[self._RATERS]
+        if step.embeds is None:
+            raise ValueError("sparsevlm needs the layer-0 input embeddings (step.embeds is None)")
+        index = self._index(step)
+        out = []
+        with torch.no_grad():
+            for b in range(step.visual.shape[0]):
+                vis = index[b, step.visual[b].nonzero()[:, 0]]
+                txt = index[b, text_after_first_visual(step.visual[b], step.valid[b])]
+                emb = step.embeds[b]
+                mask = text_raters(emb[vis.to(emb.device)], emb[txt.to(emb.device)])
+                out.append(txt[mask.to(txt.device)])
+        ctx[self._RATERS] = out
+        return out
+
+    def rater_rows(self, step: LLMStep, ctx: dict[str, Any], b: int) -> torch.Tensor:
+        """Row ``b``'s indices into ``step.queries[b]`` (R) of rater queries, each position once; all distinct
+        query rows if the row has no rater among them."""
+        q = step.queries[b]
+        first = torch.ones_like(q, dtype=torch.bool)
+        if q.numel() > 1:  # padded query lists repeat positions: use each position once
+            _, inv = torch.unique(q, return_inverse=True)
+            seen = torch.full((int(inv.max()) + 1,), q.numel(), dtype=torch.long, device=q.device)
+            seen.scatter_reduce_(0, inv, torch.arange(q.numel(), device=q.device), reduce="amin")
+            first = seen[inv] == torch.arange(q.numel(), device=q.device)
+        orig = self._index(step)[b, q]
+        is_rater = torch.isin(orig, self.raters(step, ctx)[b].to(orig.device)) & first
+        return is_rater.nonzero()[:, 0] if bool(is_rater.any()) else first.nonzero()[:, 0]
+
+    # -- selection ----------------------------------------------------------------------------------------
+    def select(self, step: LLMStep, ctx: dict[str, Any]) -> Selection:
+        if step.attn is None or step.queries is None:
+            raise ValueError("sparsevlm needs attention rows of the text queries (step.attn is None); the adapter "
+                             "must serve attention_queries(layer) == 'text'")
+        cfg = self.config
+        budgets = self.stage_budget(step, ctx)
+        keep, replace = [], []
+        with torch.no_grad():
+            self.raters(step, ctx)
+            for b, budget in enumerate(budgets):
+                pos = step.visual[b].nonzero()[:, 0]
+                rows = self.rater_rows(step, ctx, b)
+                if rows.numel():
+                    score = step.attn[b][:, rows.to(step.attn.device)].float().mean(0).mean(0)  # [L]
+                else:
+                    score = torch.zeros(step.visual.shape[1], device=step.attn.device)
+                vis_score = score[pos.to(score.device)]
+                hidden = step.hidden[b].index_select(0, pos.to(step.hidden.device)) if cfg.recycle else None
+                kept, centres, merged = recycle_select(vis_score, min(budget, pos.numel()), hidden,
+                                                       cfg.recycle_fraction, cfg.cluster_size)
+                kept, centres = pos[kept.to(pos.device)], pos[centres.to(pos.device)]
+                keep.append(torch.sort(torch.cat([kept, centres])).values)
+                replace.append((centres, merged) if merged is not None and centres.numel() else None)
+        return Selection(keep=keep, replace=replace if any(r is not None for r in replace) else None)
+
+
+@hookimpl
+def tokcomp_register(registry):
+    registry.add_strategy(SparseVLM)

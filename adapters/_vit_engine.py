@@ -1,0 +1,338 @@
+"""The per-session engine of the plain-ViT adapter: hooks that drive a ViTCompressor through the encoder's own loop.
+
+Hooks (all through the adapter's ``Surgery``; state lives on the engine, never on modules):
+
+* pre-hook on the tower (the module that receives ``pixel_values``): refuses what a changing token set cannot serve
+  (``bool_masked_pos``, ``attention_mask``, per-layer ``hidden_states`` / ``attentions``) and resets the call state;
+* pre-hook on the embeddings: reads the pixel size, hence the ``h x w`` patch grid;
+* pre-hook on every layer: at layer 0 builds the layout and the full token set and calls ``start``; then substitutes
+  the current token set. When every image has the same count ``K`` and the strategy asks for no
+  :class:`~tokcomp.tokens.BlockVariant`, the native layer runs on ``[B, K, C]``; otherwise the block runs here from
+  its submodules (per-image segment attention, extra key/values, MLP subset, proportional attention, ``mid``) and
+  the native layer gets a ``[1, 1, C]`` dummy, so its call costs next to nothing;
+* forward hook on every layer: ``after_block``; after the last layer ``finish``, and the output is the full
+  ``[B, P + h*w, C]`` grid again (restored by the strategy for ``patch`` granularity, by
+  :func:`~adapters._vit_restore.restore_full_grid` for ``unit``), so the final norm, pooler and heads work unchanged.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from tokcomp.errors import AdapterError
+from tokcomp.session import ForwardRecord
+from tokcomp.tokens import BlockVariant, VisionLayout, VisionTokens
+
+from ._vision import BlockOps, VisionRun, run_block_variant
+from ._vit_restore import (RULES, gradient_destinations, grid_layout, grid_tokens, initial_sources, restore_full_grid,
+                           update_sources)
+
+
+# ------------------------------------------------------------------------------------------------------
+# one block as parts
+# ------------------------------------------------------------------------------------------------------
+def block_ops(layer, kind: str, impl: str) -> BlockOps:
+    """The parts of one pre-norm encoder layer for :func:`adapters._vision.run_block_variant`.
+
+    ``kind``: ``"dinov2"`` (norm1, attention.{q,k,v,o}_proj, layer_scale1/2, drop_path), ``"vit"``
+    (layernorm_before/after, attention.{q,k,v,o}_proj, dropout) or ``"clip"`` (CLIP / SigLIP: layer_norm1/2,
+    self_attn.{q,k,v,out}_proj). Same arithmetic as the layer's own forward; attention runs through the model's
+    backend (``impl``) once per image, or as one packed varlen call for flash-attention.
+    """
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.utils.generic import is_flash_attention_requested
+    if kind == "dinov2":
+        att, norm1, norm2 = layer.attention, layer.norm1, layer.norm2
+        out_proj, scaling, H = att.o_proj, att.scaling, att.num_attention_heads
+
+        def post_attn(o):
+            return layer.drop_path(layer.layer_scale1(o))
+
+        def mlp(h):
+            return layer.drop_path(layer.layer_scale2(layer.mlp(h)))
+    elif kind == "vit":
+        att, norm1, norm2 = layer.attention, layer.layernorm_before, layer.layernorm_after
+        out_proj, scaling, H = att.o_proj, att.scaling, att.num_attention_heads
+
+        def post_attn(o):
+            return layer.dropout(o)
+
+        def mlp(h):
+            return layer.dropout(layer.mlp(h))
+    elif kind == "clip":
+        att, norm1, norm2 = layer.self_attn, layer.layer_norm1, layer.layer_norm2
+        out_proj, scaling, H = att.out_proj, att.scale, att.num_heads
+
+        def post_attn(o):
+            return o
+
+        def mlp(h):
+            return layer.mlp(h)
+    else:  # pragma: no cover - guarded by the adapter
+        raise AdapterError(f"unknown plain-ViT layer kind {kind!r}")
+    d = att.head_dim
+    eager = getattr(sys.modules[type(att).__module__], "eager_attention_forward")
+    fn = eager if impl == "eager" else ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager)
+
+    def qkv(h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return att.q_proj(h).view(-1, H, d), att.k_proj(h).view(-1, H, d), att.v_proj(h).view(-1, H, d)
+
+    def kv(h: Tensor) -> tuple[Tensor, Tensor]:
+        return att.k_proj(h).view(-1, H, d), att.v_proj(h).view(-1, H, d)
+
+    def attn_out(o: Tensor) -> Tensor:
+        return post_attn(out_proj(o))
+
+    def attend(q, k, v, mask):                          # [1, H, n, d] x [1, H, m, d] -> [1, n, H, d]
+        return fn(att, q, k, v, mask, dropout=0.0, scaling=scaling, is_causal=False)[0]
+
+    def attend_varlen(q, k, v, cu_q, cu_k, max_q, max_k):
+        return fn(att, q, k, v, None, dropout=0.0, scaling=scaling, is_causal=False, cu_seq_lens_q=cu_q,
+                  cu_seq_lens_k=cu_k, max_length_q=max_q, max_length_k=max_k)[0]
+
+    flash = is_flash_attention_requested(requested_attention_implementation=impl)
+    return BlockOps(norm1=norm1, qkv=qkv, attn_out=attn_out, norm2=norm2, mlp=mlp, attend=attend, kv=kv,
+                    rotary=None, attend_varlen=attend_varlen if flash else None)
+
+
+# ------------------------------------------------------------------------------------------------------
+# the engine
+# ------------------------------------------------------------------------------------------------------
+@dataclass
+class _Call:
+    """State of one encoder call."""
+
+    grid: tuple[int, int] | None = None
+    run: VisionRun | None = None
+    layout: VisionLayout | None = None
+    shape: tuple[int, int] = (0, 0)                   # (B, P + h*w)
+    native: bool = False
+    sources: Tensor | None = None
+    record: ForwardRecord = field(default_factory=ForwardRecord)
+    blocks: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class Parts:
+    """Where a plain-ViT encoder keeps its pieces (found by the adapter)."""
+
+    tower: Any                                        # receives pixel_values
+    embeddings: Any
+    layers: list
+    patch_size: tuple[int, int]
+    n_prefix: int                                     # CLS + register tokens before the patches
+    kind: str                                         # block layout, see block_ops
+    config: Any
+
+
+class ViTEngine:
+    """Drives a ViTCompressor through a plain ViT encoder with hooks; one per session.
+
+    After every call: :attr:`last_tokens` (the reduced set ``finish`` returned, before restoration),
+    :attr:`last_kept` (the token set the last block ran on), :attr:`last_sources` (LongTensor[N], see
+    :func:`~adapters._vit_restore.update_sources`; None for patch granularity), :attr:`last_layout` and
+    :attr:`last_blocks` (per block: query tokens ``q`` and key/value tokens ``kv`` per image, tokens whose MLP ran
+    ``mlp``; what an analytic FLOPs count needs).
+    :attr:`rule` picks the restoration rule for unit strategies (``"sources"`` or ``"nearest"``).
+    """
+
+    def __init__(self, adapter, strategy, parts: Parts, family: str = "vit"):
+        self.adapter, self.strategy, self.parts, self.family = adapter, strategy, parts, family
+        self.rule = "sources"
+        self.call = _Call()
+        self.last_tokens: VisionTokens | None = None
+        self.last_kept: VisionTokens | None = None
+        self.last_sources: Tensor | None = None
+        self.last_layout: VisionLayout | None = None
+        self.last_blocks: list[dict] = []
+
+    @property
+    def tracks(self) -> bool:
+        """Merge sources are tracked only where the restoration uses them (unit granularity, rule "sources")."""
+        return self.strategy.granularity != "patch" and self.rule == "sources"
+
+    def attach(self, surgery) -> None:
+        p = self.parts
+        surgery.pre_hook(p.tower, self._tower_pre)
+        surgery.pre_hook(p.embeddings, self._embeddings_pre)
+        for i, layer in enumerate(p.layers):
+            surgery.pre_hook(layer, lambda m, a, k, i=i: self._layer_pre(i, m, a, k))
+            surgery.post_hook(layer, lambda m, a, k, out, i=i: self._layer_post(i, out))
+
+    def _impl(self) -> str:
+        return self.parts.config._attn_implementation or "eager"
+
+    # -- hooks ------------------------------------------------------------------------------------------
+    def _tower_pre(self, mod, args, kw):
+        if kw.get("bool_masked_pos") is not None:
+            raise AdapterError("ViT adapter: bool_masked_pos (masked image modelling) is not supported inside a "
+                               "compression session; call the model outside the session")
+        if kw.get("attention_mask") is not None:
+            raise AdapterError("ViT adapter: an attention_mask cannot follow a changing token set; call the "
+                               "encoder without attention_mask inside a compression session")
+        if kw.get("output_hidden_states") or kw.get("output_attentions"):
+            raise AdapterError("ViT adapter: per-layer hidden_states / attentions are not available while a vision "
+                               "compressor changes the token set; call the model outside the session for them")
+        self.call = _Call()
+        return None
+
+    def _embeddings_pre(self, mod, args, kw):
+        px = args[0] if args else kw.get("pixel_values")
+        ph, pw = self.parts.patch_size
+        self.call.grid = (int(px.shape[-2]) // ph, int(px.shape[-1]) // pw)
+        return None
+
+    def _layer_pre(self, i, mod, args, kw):
+        call = self.call
+        hidden = args[0] if args else kw["hidden_states"]
+        if i == 0:
+            self._begin(hidden)
+        run = call.run
+        if run is None:
+            raise AdapterError("ViT adapter: an encoder layer ran outside a call of the whole model; call the model "
+                               "(pixel_values -> outputs) as a whole inside a compression session")
+        tokens = run.tokens
+        variant = run.variant(i)
+        B = call.shape[0]
+        counts = torch.bincount(tokens.segment, minlength=B)
+        q = counts.tolist()
+        if variant is None and bool((counts == counts[0]).all()):
+            call.native = True
+            new = tokens.hidden.reshape(B, int(counts[0]), tokens.hidden.shape[-1])
+            call.blocks.append({"q": q, "kv": q, "mlp": tokens.n})
+        else:
+            call.native = False
+            variant = self._tracked(variant or BlockVariant())
+            extra = None if variant.extra_kv is None else variant.extra_kv.segment
+            run.stash = run_block_variant(block_ops(mod, self.parts.kind, self._impl()), tokens, variant,
+                                          tokens.segment, extra)
+            kv = q if extra is None else (counts + torch.bincount(extra.to(counts.device), minlength=B)).tolist()
+            mlp = run.stash.n if variant.mlp_on is None else int(variant.mlp_on.numel())
+            call.blocks.append({"q": q, "kv": kv, "mlp": mlp})
+            new = tokens.hidden[:1][None]                                  # [1, 1, C]: the native call costs ~0
+        if args:
+            return (new,) + tuple(args[1:]), kw
+        return args, {**kw, "hidden_states": new}
+
+    def _layer_post(self, i, out):
+        call, run = self.call, self.call.run
+        if call.native:
+            tokens = run.tokens.with_hidden(out.reshape(-1, out.shape[-1]))
+        else:
+            tokens, run.stash = run.stash, None
+        after = self._step(lambda t: run.after_block(i, t), tokens, f"after block {i}")
+        call.record.vision_blocks[i] = after.n
+        if i < len(self.parts.layers) - 1:
+            return out
+        return self._finish(out)
+
+    # -- steps ------------------------------------------------------------------------------------------
+    def _begin(self, hidden: Tensor) -> None:
+        call, p = self.call, self.parts
+        if call.grid is None:
+            raise AdapterError("ViT adapter: the embeddings did not run before the first layer; call the model "
+                               "(pixel_values -> outputs) as a whole inside a compression session")
+        B, n1, _ = hidden.shape
+        h, w = call.grid
+        if n1 != p.n_prefix + h * w:
+            raise AdapterError(f"ViT adapter: the first layer got {n1} tokens per image; expected {p.n_prefix} prefix "
+                               f"+ {h}x{w} patches from the pixel size")
+        layout = grid_layout(B, h, w, p.n_prefix)
+        call.layout, call.shape = layout, (B, n1)
+        call.record = ForwardRecord(vision_in=layout.n_tokens)
+        call.run = VisionRun(self.strategy, layout, len(p.layers), self.family)
+        full = grid_tokens(hidden, h, w, p.n_prefix)
+        call.sources = initial_sources(layout.n_tokens, hidden.device) if self.tracks else None
+        self._step(call.run.start, full, "after start")
+
+    def _tracked(self, variant: BlockVariant) -> BlockVariant:
+        """``variant`` with its ``mid`` callback wrapped so merges made between attention and MLP are tracked."""
+        if variant.mid is None or not self.tracks:
+            return variant
+        inner: Callable = variant.mid
+
+        def mid(tokens: VisionTokens, keys: Tensor) -> VisionTokens:
+            return self._step(lambda t: inner(t, keys), tokens, "in a block's mid step", store=False)
+        return replace(variant, mid=mid)
+
+    def _step(self, fn: Callable[[VisionTokens], VisionTokens], tokens: VisionTokens, where: str,
+              store: bool = True) -> VisionTokens:
+        """Run one strategy step ``fn(tokens)``, check the prefix tokens, and carry the merge sources.
+
+        With source tracking on and autograd off (an inference forward), the step runs on a leaf copy of the hidden
+        states with autograd on, so :func:`gradient_destinations` can read where every vanished token went; the
+        result is detached. ``store``: the step went through :class:`VisionRun`, whose ``tokens`` are replaced by
+        the detached result."""
+        call = self.call
+        probe = None
+        if call.sources is not None and not torch.is_grad_enabled() and not torch.is_inference_mode_enabled() \
+                and not tokens.hidden.is_inference() and tokens.hidden.is_floating_point():
+            leaf = tokens.hidden.detach().requires_grad_(True)
+            probe = tokens.with_hidden(leaf)
+            with torch.enable_grad():
+                after = fn(probe)
+        else:
+            after = fn(tokens)
+        if after is probe:
+            after = tokens
+        elif probe is not None and after is not tokens:
+            vanished = self._vanished(tokens, after)
+            dest = torch.full((tokens.n,), -1, dtype=torch.long, device=tokens.segment.device)
+            if after.hidden.requires_grad and vanished.numel():
+                dest[vanished] = gradient_destinations(probe.hidden, after.hidden, vanished, tokens.segment,
+                                                       after.segment)
+            after = after.with_hidden(after.hidden.detach())
+            call.sources = update_sources(call.sources, tokens, after, dest)
+        elif call.sources is not None and after is not tokens:
+            call.sources = update_sources(call.sources, tokens, after)
+        if store and call.run is not None:
+            call.run.tokens = after
+        self._check_prefix(after, where)
+        return after
+
+    @staticmethod
+    def _vanished(before: VisionTokens, after: VisionTokens) -> Tensor:
+        """LongTensor rows of ``before`` whose origin is not in ``after``."""
+        return (~torch.isin(before.origin, after.origin.to(before.origin.device))).nonzero()[:, 0]
+
+    def _check_prefix(self, after: VisionTokens, where: str) -> None:
+        n_prefix = int(after.cls.sum())
+        want = self.call.shape[0] * self.parts.n_prefix
+        if n_prefix != want:
+            raise AdapterError(f"ViT adapter: the CLS / register tokens must be kept ({where}); strategy "
+                               f"{self.strategy.name!r} returned {n_prefix} of {want}. Fix the strategy: never drop "
+                               "or merge tokens with cls=True.")
+
+    def _finish(self, out: Tensor) -> Tensor:
+        call, run = self.call, self.call.run
+        before = run.tokens
+        holder = {}
+
+        def finish(t: VisionTokens) -> VisionTokens:
+            run.tokens = t
+            holder["done"] = done = run.finish()
+            return done.tokens
+        fin = self._step(finish, before, "after finish", store=False)
+        done = replace(holder["done"], tokens=fin)
+        layout = call.layout
+        B, n1 = call.shape
+        if self.strategy.granularity == "patch":
+            full = done.tokens.hidden
+        else:
+            if self.rule not in RULES:
+                raise AdapterError(f"ViT adapter: unknown restoration rule {self.rule!r}; use one of {RULES}")
+            full = restore_full_grid(done.tokens, layout, self.rule, call.sources)
+        body = done.tokens.segment[~done.tokens.cls]
+        call.record.vision_out = torch.bincount(body, minlength=B).tolist()
+        self.adapter.session.report.vision.append(call.record)
+        self.last_tokens, self.last_kept, self.last_layout = done.tokens, before, layout
+        self.last_sources = call.sources
+        self.last_blocks = call.blocks
+        call.run = None
+        if not run.changed:
+            return out
+        return full.reshape(B, n1, -1).to(out.dtype)

@@ -1,0 +1,294 @@
+"""Plain-ViT token sets and full-grid restoration (pure tensor functions, no model code).
+
+A plain ViT encoder (DINOv2, ViT, CLIP, SigLIP) runs every image as one row of a batch ``[B, P + h*w, C]``:
+``P`` prefix tokens (CLS, DINOv2 register tokens; SigLIP has none) then the ``h x w`` patch grid in raster order.
+There is no 2x2 merger, so each patch is its own *unit* (``unit_size = 1``) and each image is one segment.
+
+A token-reducing strategy leaves fewer tokens than the grid has. The encoder's output keeps its usual shape, so the
+adapter restores the full grid from the reduced set with one of two documented rules (:func:`restore_full_grid`):
+
+* ``"sources"`` (default): a patch that was **merged** into another token (ToMe, ToFu, LUVC-OIM, ``pool``) gets a
+  copy of the token that absorbed it (its *source* token, tracked by :func:`update_sources` through every step);
+  a patch that was **pruned** (``random``, DART-ViT, ...) gets a copy of the nearest present token on the patch grid
+  of its image (squared grid distance, ties to the lower original index).
+* ``"nearest"``: every missing patch gets the nearest present token on the grid, merged or not.
+
+Patch-granularity strategies (IPCV) restore the grid themselves (Neighbor-Guided Reconstruction) in ``finish``.
+
+Merge sources are read from the strategy's own arithmetic: the adapter runs each strategy step with the incoming
+hidden states as an autograd leaf (inference only, nothing is kept) and pulls one random probe back through the step
+(:func:`gradient_destinations`): a vanished token whose state flows into a surviving token was merged into it; a
+vanished token with no path to any output was pruned. This is exact for every merge rule that is a function of the
+merged tokens (weighted mean, MLERP, pooling). When no gradient path exists (a strategy that computes under
+``torch.no_grad``, a user forward with autograd on, inference mode) or a survivor's ``size`` grew more than the
+traced merges explain (ToFu's prune mode: the destination keeps its features but absorbs the source's size), the
+remaining vanished tokens are assigned by size and feature (:func:`update_sources`), which is an inference.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from tokcomp.ops.knn import knn
+from tokcomp.tokens import VisionLayout, VisionTokens
+
+RULES = ("sources", "nearest")
+_TOL = 1e-3  # sizes are patch counts stored as float32
+
+
+def grid_layout(n_images: int, h: int, w: int, n_prefix: int) -> VisionLayout:
+    """The layout of ``n_images`` images of ``h x w`` patches, each preceded by ``n_prefix`` prefix tokens.
+
+    Returns a VisionLayout with ``n_tokens = B * (P + h*w)``, ``unit_size = 1`` (every patch is a unit),
+    segments = images (``segment_grid[b] = (1, h, w)``), ``unit_patches[B*h*w, 1]`` the flat index of each patch
+    (prefix offset included), ``unit_grid[U, 3] = (0, r, c)``, ``has_cls = P > 0``. Unit ``b*h*w + r*w + c``.
+    """
+    B, hw, n1 = int(n_images), int(h) * int(w), int(n_prefix) + int(h) * int(w)
+    p = torch.arange(hw)
+    flat = (torch.arange(B)[:, None] * n1 + n_prefix + p[None]).reshape(-1, 1)
+    cell = torch.stack([torch.zeros_like(p), p // w, p % w], -1)
+    return VisionLayout(
+        n_tokens=B * n1, unit_size=1,
+        segment_grid=torch.tensor([[1, h, w]], dtype=torch.long).repeat(B, 1),
+        segment_image=torch.arange(B), unit_patches=flat, unit_segment=torch.arange(B).repeat_interleave(hw),
+        unit_grid=cell.repeat(B, 1), has_cls=n_prefix > 0)
+
+
+def grid_tokens(hidden: Tensor, h: int, w: int, n_prefix: int) -> VisionTokens:
+    """The full token set of a block input ``hidden[B, P + h*w, C]`` (rows image-major, prefix first).
+
+    Metadata on ``hidden``'s device: ``segment`` = image, ``pos = (0, r, c)`` (prefix: -1), ``unit`` as in
+    :func:`grid_layout` (prefix: -1), ``size = 1``, ``origin = arange(N)``, ``cls`` = prefix flag, ``rope = None``.
+    """
+    B, n1, C = hidden.shape
+    dev, hw = hidden.device, h * w
+    p = torch.arange(hw, device=dev)
+    pre = torch.full((n_prefix,), -1, dtype=torch.long, device=dev)
+    local_unit = torch.cat([pre, p])                                              # [n1]
+    imgs = torch.arange(B, device=dev)
+    unit = torch.where(local_unit[None] >= 0, imgs[:, None] * hw + local_unit[None], -1).reshape(-1)
+    pos1 = torch.cat([torch.full((n_prefix, 3), -1, dtype=torch.long, device=dev),
+                      torch.stack([torch.zeros_like(p), p // w, p % w], -1)])      # [n1, 3]
+    cls1 = torch.zeros(n1, dtype=torch.bool, device=dev)
+    cls1[:n_prefix] = True
+    return VisionTokens(
+        hidden=hidden.reshape(B * n1, C), segment=imgs.repeat_interleave(n1), pos=pos1.repeat(B, 1), unit=unit,
+        size=torch.ones(B * n1, dtype=torch.float32, device=dev), origin=torch.arange(B * n1, device=dev),
+        cls=cls1.repeat(B), rope=None)
+
+
+# ------------------------------------------------------------------------------------------------------
+# source tracking
+# ------------------------------------------------------------------------------------------------------
+def initial_sources(n_tokens: int, device=None) -> Tensor:
+    """LongTensor[N] ``arange(N)``: every original token is represented by itself."""
+    return torch.arange(n_tokens, device=device)
+
+
+def gradient_destinations(leaf: Tensor, out: Tensor, rows: Tensor, seg_leaf: Tensor, seg_out: Tensor,
+                          seed: int = 0) -> Tensor:
+    """Which output row each input row ``rows`` flows into, from one vector-Jacobian product.
+
+    Args:
+        leaf: Tensor[n_in, C] the step's input hidden states (an autograd leaf).
+        out: Tensor[n_out, C] the step's output hidden states, computed from ``leaf`` with autograd on.
+        rows: LongTensor[V] the input rows to resolve (the vanished ones).
+        seg_leaf: LongTensor[n_in], seg_out: LongTensor[n_out] segments (a token only merges within its own).
+        seed: seed of the random probe.
+    Returns:
+        LongTensor[V]: for every row, the output row ``o`` maximising ``cos(d out_o . R_o / d leaf_row, R_o)`` for a
+        random probe ``R [n_out, C]`` (for a weighted-mean merge the pulled-back vector is exactly ``w * R_o``),
+        or -1 if the row reaches no output (pruned) or ``out`` has no gradient path to ``leaf``.
+    """
+    res = torch.full((rows.numel(),), -1, dtype=torch.long, device=rows.device)
+    if rows.numel() == 0 or out.grad_fn is None:
+        return res
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    probe = torch.randn(out.shape, generator=gen, dtype=torch.float32).to(device=out.device, dtype=out.dtype)
+    (g,) = torch.autograd.grad(out, leaf, probe, allow_unused=True, retain_graph=False)
+    if g is None:
+        return res
+    g = g[rows.to(g.device)].float()
+    norm = g.norm(dim=1)
+    live = norm > 0
+    if not bool(live.any()):
+        return res
+    p = torch.nn.functional.normalize(probe.float(), dim=1)
+    cos = (g[live] / norm[live, None]) @ p.T                                            # [v, n_out]
+    same = seg_leaf.to(cos.device)[rows.to(cos.device)][live][:, None] == seg_out.to(cos.device)[None, :]
+    cos = cos.masked_fill(~same, float("-inf"))
+    best = cos.argmax(1)
+    ok = torch.isfinite(cos.gather(1, best[:, None])[:, 0])
+    idx = live.nonzero()[:, 0].to(res.device)
+    res[idx[ok.to(res.device)]] = best[ok].to(res.device)
+    return res
+
+
+def update_sources(sources: Tensor, before: VisionTokens, after: VisionTokens, dest: Tensor | None = None) -> Tensor:
+    """Carry the source map through one strategy step ``before -> after``.
+
+    Args:
+        sources: LongTensor[N] for every original token, the ``origin`` of the token that represents it now
+            (itself while present, its merge destination once merged), or -1 once pruned.
+        before, after: the token sets handed to and returned by one strategy callback (any order).
+        dest: optional LongTensor[before.n]: the row of ``after`` each row of ``before`` was traced into
+            (:func:`gradient_destinations`; -1: not traced). Used for the vanished rows.
+    Returns:
+        The updated LongTensor[N]. Tokens of ``before`` missing from ``after`` *vanished*. A traced vanished token
+        goes to its traced destination. Then, a token of ``after`` present in ``before`` whose size grew by more
+        than its traced sources explain has capacity left; untraced vanished tokens of its segment are assigned
+        greedily (smallest distance first) to the destination whose *added mean*
+        ``(size_after * h_after - size_before * h_before - traced) / capacity`` is nearest (L2) to their ``before``
+        state, while capacity lasts. Vanished tokens left over were pruned (-1). Tokens of ``after`` absent from
+        ``before`` (restored by the strategy) represent themselves again.
+    """
+    dev = sources.device
+    n = sources.shape[0]
+    b_org, a_org = before.origin.to(dev), after.origin.to(dev)
+    in_after = torch.zeros(n, dtype=torch.bool, device=dev)
+    in_after[a_org] = True
+    in_before = torch.zeros(n, dtype=torch.bool, device=dev)
+    in_before[b_org] = True
+    vanished = (~in_after[b_org]).nonzero()[:, 0]                      # rows of before
+    fresh = a_org[~in_before[a_org]]
+    out = sources.clone()
+    if fresh.numel():
+        out[fresh] = fresh
+    if vanished.numel() == 0:
+        return out
+    target = torch.full((n,), -1, dtype=torch.long, device=dev)        # origin -> new representative origin
+    traced = torch.full((vanished.numel(),), -1, dtype=torch.long, device=dev)
+    if dest is not None:
+        traced = dest.to(dev)[vanished]
+        traced = torch.where(traced >= 0, traced, -1)
+        # a traced destination must be a survivor (present before and after)
+        ok = traced >= 0
+        idx = ok.nonzero()[:, 0]
+        ok[idx] = in_before[a_org[traced[idx]]]
+        traced = torch.where(ok, traced, -1)
+        target[b_org[vanished[ok]]] = a_org[traced[ok]]
+    row_b = torch.full((n,), -1, dtype=torch.long, device=dev)
+    row_b[b_org] = torch.arange(b_org.numel(), device=dev)
+    surv = in_before[a_org].nonzero()[:, 0]                            # rows of after that existed before
+    rb = row_b[a_org[surv]]
+    size_b, size_a = before.size.to(dev).float(), after.size.to(dev).float()
+    hb, ha = before.hidden.detach().float(), after.hidden.detach().float()
+    gain = size_a[surv] - size_b[rb]
+    # sizes and content already explained by traced merges
+    t_ok = traced >= 0
+    explained = torch.zeros(after.n, dtype=torch.float32, device=dev).index_add_(
+        0, traced[t_ok], size_b[vanished[t_ok]])
+    t_sum = torch.zeros(after.n, hb.shape[-1], dtype=torch.float32, device=hb.device).index_add_(
+        0, traced[t_ok].to(hb.device), hb[vanished[t_ok].to(hb.device)] * size_b[vanished[t_ok]].to(hb.device)[:, None])
+    cap = gain - explained[surv]
+    left = (~t_ok).nonzero()[:, 0]
+    has_cap = cap > _TOL
+    if left.numel() and bool(has_cap.any()):
+        dst = surv[has_cap]                                            # rows of after
+        rbd = rb[has_cap].to(hb.device)
+        c = cap[has_cap]
+        added = (ha[dst.to(ha.device)] * size_a[dst].to(ha.device)[:, None] - hb[rbd] * size_b[rbd.to(dev)].to(hb.device)[:, None]
+                 - t_sum[dst.to(hb.device)]) / c.to(hb.device)[:, None]
+        vl = vanished[left]
+        assign = _assign(hb[vl.to(hb.device)], size_b[vl], before.segment.to(dev)[vl], added, c,
+                         after.segment.to(dev)[dst])
+        good = assign >= 0
+        target[b_org[vl[good]]] = a_org[dst[assign[good]]]
+    ident = torch.arange(n, device=dev)
+    mapping = torch.where(in_before & ~in_after, target, ident)        # vanished -> dest origin or -1
+    present = out >= 0
+    out[present] = mapping[out[present]]
+    return out
+
+
+def _assign(h_v: Tensor, s_v: Tensor, seg_v: Tensor, added: Tensor, cap: Tensor, seg_d: Tensor) -> Tensor:
+    """Greedy capacity-limited assignment of vanished tokens to destinations (see :func:`update_sources`).
+
+    h_v [V, C], s_v [V], seg_v [V]; added [D, C], cap [D], seg_d [D] -> LongTensor[V] destination row or -1.
+    """
+    V = h_v.shape[0]
+    out = torch.full((V,), -1, dtype=torch.long, device=seg_v.device)
+    cap = cap.clone().to(seg_v.device)
+    added = added.to(h_v.device)
+    for s in torch.unique(seg_v).tolist():
+        vi = (seg_v == s).nonzero()[:, 0]
+        di = (seg_d == s).nonzero()[:, 0]
+        if di.numel() == 0:
+            continue
+        d = torch.cdist(h_v[vi.to(h_v.device)], added[di.to(added.device)]).to(seg_v.device)   # [v, d]
+        order = torch.sort(d.min(1).values, stable=True).indices
+        for j in order.tolist():
+            free = cap[di] >= s_v[vi[j]] - _TOL
+            if not bool(free.any()):
+                continue
+            cand = torch.where(free, d[j], torch.full_like(d[j], float("inf")))
+            k = int(torch.argmin(cand))
+            out[vi[j]] = di[k]
+            cap[di[k]] -= s_v[vi[j]]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------
+# restoration
+# ------------------------------------------------------------------------------------------------------
+def nearest_present(tokens: VisionTokens, layout: VisionLayout, missing: Tensor) -> Tensor:
+    """For grid patches ``missing`` (LongTensor[M] unit ids), the row of ``tokens`` of the nearest present non-prefix
+    token of the same image (squared (t, h, w) grid distance; ties to the lower original index); -1 if the image
+    kept no patch."""
+    body = (~tokens.cls).nonzero()[:, 0]
+    body = body[torch.argsort(tokens.origin[body], stable=True)]
+    dev = tokens.pos.device
+    q = layout.unit_grid.to(dev)[missing.to(dev)].float()
+    nn = knn(q, tokens.pos[body].float(), 1, query_group=layout.unit_segment.to(dev)[missing.to(dev)],
+             key_group=tokens.segment[body])
+    col = nn[:, 0] if nn.shape[1] else torch.full((q.shape[0],), -1, dtype=torch.long, device=dev)
+    return torch.where(col >= 0, body[col.clamp_min(0)], -1)
+
+
+def restore_full_grid(tokens: VisionTokens, layout: VisionLayout, rule: str = "sources",
+                      sources: Tensor | None = None) -> Tensor:
+    """The full token grid ``Tensor[N, C]`` (N = ``layout.n_tokens``, rows = original order) from a reduced set.
+
+    Args:
+        tokens: the reduced token set (every prefix token present; any order).
+        layout: the call's :func:`grid_layout`.
+        rule: ``"sources"`` (merged patches copy their merge destination, pruned ones the nearest present token)
+            or ``"nearest"`` (every missing patch copies the nearest present token); see the module docstring.
+        sources: LongTensor[N] from :func:`update_sources` (needed for ``"sources"``; None: treated as all pruned).
+    Returns:
+        Tensor[N, C] in ``tokens.hidden.dtype``; present tokens keep their own state, a missing patch of an image
+        with no present patch is zeros.
+    """
+    if rule not in RULES:
+        raise ValueError(f"unknown restoration rule {rule!r}; use one of {RULES}")
+    N, C = layout.n_tokens, tokens.hidden.shape[-1]
+    dev = tokens.hidden.device
+    full = tokens.hidden.new_zeros(N, C)
+    origin = tokens.origin.to(dev)
+    full[origin] = tokens.hidden
+    row_of = torch.full((N,), -1, dtype=torch.long, device=dev)
+    row_of[origin] = torch.arange(tokens.n, device=dev)
+    patch = layout.unit_patches[:, 0].to(dev)
+    missing = (row_of[patch] < 0).nonzero()[:, 0]                   # unit ids
+    if missing.numel() == 0:
+        return full
+    src_row = torch.full((missing.numel(),), -1, dtype=torch.long, device=dev)
+    if rule == "sources" and sources is not None:
+        s = sources.to(dev)[patch[missing]]
+        src_row = torch.where(s >= 0, row_of[s.clamp_min(0)], -1)
+    need = (src_row < 0).nonzero()[:, 0]
+    if need.numel():
+        src_row[need] = nearest_present(tokens, layout, missing[need]).to(dev)
+    ok = src_row >= 0
+    full[patch[missing[ok]]] = tokens.hidden[src_row[ok]]
+    return full
+
+
+def patch_owner(tokens: VisionTokens, layout: VisionLayout, rule: str = "sources",
+                sources: Tensor | None = None) -> Tensor:
+    """LongTensor[U] for every grid patch, the original index (``origin``) of the token whose state it gets under
+    :func:`restore_full_grid` (itself if present; -1 if nothing). Used to draw which patches were kept/merged."""
+    dev = tokens.origin.device
+    idx = tokens.with_hidden((tokens.origin + 1).to(torch.float64)[:, None])   # 0 marks "nothing"
+    full = restore_full_grid(idx, layout, rule, sources)
+    return full[layout.unit_patches[:, 0].to(dev), 0].round().long() - 1

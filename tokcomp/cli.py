@@ -146,6 +146,17 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_bench_fidelity(args) -> int:
+    """Run benchmarks/fidelity/run.py (from a clone; needs the `bench` extra: real DINOv2-S weights and photos)."""
+    import runpy
+    from pathlib import Path
+    import tokcomp
+    script = Path(tokcomp.__file__).resolve().parents[1] / "benchmarks" / "fidelity" / "run.py"
+    if not script.exists():
+        raise SystemExit(f"{script} not found: the fidelity benchmark runs from a clone of the repository")
+    return int(runpy.run_path(str(script))["main"](args.rest) or 0)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="tokcomp", description="visual-token compression for multimodal LLMs")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -183,6 +194,10 @@ def main(argv=None) -> int:
     s.add_argument("--out", default="bench-out", help="output folder for bench.json / bench.md / bench.png")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(fn=cmd_bench)
+    s = sub.add_parser("bench-fidelity", add_help=False,
+                       help="real-weights fidelity of every vision compressor on DINOv2-S (needs the bench extra)")
+    s.add_argument("rest", nargs=argparse.REMAINDER)
+    s.set_defaults(fn=cmd_bench_fidelity)
     args = p.parse_args(argv)
     import torch
     if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in __import__("os").environ:

@@ -109,11 +109,11 @@ class Session:
         self._check_model(model)
         adapter_cls = self.registry.resolve_adapter(model)
         self.adapter = adapter_cls(model)
+        self.adapter.check(pair.vision, pair.llm)   # needs first: "no language model" beats "layer out of range"
         depths = self.adapter.depths()
         for s in (pair.vision, pair.llm):
             if s is not None:
-                s.validate(depths)
-        self.adapter.check(pair.vision, pair.llm)
+                s.validate(depths, family=adapter_cls.name)
         self.report = Report(spec=pair.spec, adapter=adapter_cls.name)
         self._open = False
 

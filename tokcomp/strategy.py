@@ -75,8 +75,9 @@ class Strategy:
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.spec}>"
 
-    def validate(self, depths: dict[str, int]) -> None:
-        """Check the config against the model (``{"vision": blocks, "llm": layers}``); raise ConfigError."""
+    def validate(self, depths: dict[str, int], family: str = "") -> None:
+        """Check the config against the model before any forward: ``depths`` = ``{"vision": blocks, "llm":
+        layers}``, ``family`` = the adapter's name (for strategies whose defaults depend on it); raise ConfigError."""
         self.config.check_layers(self.name, depths)
 
     @classmethod
@@ -92,6 +93,7 @@ class ViTCompressor(Strategy):
 
     stage: ClassVar[Stage] = "vision"
     granularity: ClassVar[Granularity] = "unit"
+    tested_adapters: ClassVar[tuple[str, ...]] = ("qwen2_vl", "internvl", "vit")
 
     def start(self, tokens: VisionTokens, ctx: VisionContext) -> VisionTokens:
         """After patch embedding, before block 0. Return the token set block 0 runs on."""

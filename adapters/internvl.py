@@ -361,6 +361,10 @@ class InternVLAdapter(Adapter):
                     rec.vision_block_runs[i] = ([per_tile] * tiles, [per_tile] * tiles, rec.vision_in)
         elif kw.get("input_ids") is not None:
             rec.llm_in = [0] * kw["input_ids"].shape[0]
+        ids, am = kw.get("input_ids"), kw.get("attention_mask")
+        if ids is not None:
+            valid = am.bool().sum(1) if am is not None else torch.full((ids.shape[0],), ids.shape[1])
+            rec.llm_text = [int(v) - n for v, n in zip(valid.tolist(), rec.llm_in)]
         self.session.report.prefill.append(rec)
 
     def _on_prefill(self, layers: dict[int, list[int]]) -> None:

@@ -573,9 +573,10 @@ class Qwen2VLAdapter(Adapter):
         if ids is not None:
             vis = self._visual_mask(ids)
             am = kw.get("attention_mask")
-            if am is not None:
-                vis = vis & am.bool()
+            valid = am.bool() if am is not None else torch.ones_like(vis)
+            vis = vis & valid
             rec.llm_in = vis.sum(1).tolist()
+            rec.llm_text = (valid.sum(1) - vis.sum(1)).tolist()
         self.session.report.prefill.append(rec)
         return rec
 

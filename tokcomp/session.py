@@ -29,6 +29,8 @@ class ForwardRecord:
         vision_out: visual tokens leaving the vision side per image (LLM tokens, after the merger).
         llm_layers: visual tokens per batch row entering each decoder layer ``{layer: [n_row0, ...]}``.
         llm_in: visual tokens per row entering the LLM.
+        llm_text: non-visual, non-padding tokens per row entering the LLM.
+        kv_bytes: bytes of the KV cache right after this prefill (measured from the cache's tensors).
     """
 
     vision_blocks: dict[int, int] = field(default_factory=dict)
@@ -37,22 +39,56 @@ class ForwardRecord:
     vision_block_runs: dict[int, tuple] = field(default_factory=dict)
     vision_out: list[int] = field(default_factory=list)
     llm_in: list[int] = field(default_factory=list)
+    llm_text: list[int] = field(default_factory=list)
     llm_layers: dict[int, list[int]] = field(default_factory=dict)
+    kv_bytes: int | None = None
 
 
 @dataclass
 class Report:
-    """What a session measured; see :attr:`Session.report`."""
+    """What a session measured.
+
+    Attributes:
+        vision: one record per vision-tower call; prefill: one record per prefill forward (with its vision part).
+        times: wall time of vision-tower calls, prefills and decode steps (CUDA-synchronised on GPU).
+        dims: ``(VisionDims, LLMDims)`` of the model when the adapter describes them, for :meth:`cost`.
+    """
 
     spec: str
     adapter: str
     vision: list[ForwardRecord] = field(default_factory=list)
     prefill: list[ForwardRecord] = field(default_factory=list)
+    times: Any = None
+    dims: Any = None
+    vision_depth: int = 0
 
     @property
     def last(self) -> ForwardRecord | None:
         """The most recent prefill record (merged with its vision call), or None."""
         return self.prefill[-1] if self.prefill else (self.vision[-1] if self.vision else None)
+
+    def cost(self, new_tokens: int = 1, record: ForwardRecord | None = None):
+        """Analytic FLOPs (:class:`tokcomp.metrics.cost.Cost`: vision / prefill / decode) of ``record`` (default:
+        the last prefill) followed by ``new_tokens`` generated tokens, from the achieved counts."""
+        from tokcomp.metrics.cost import record_cost
+        rec = record or self.last
+        if rec is None or self.dims is None:
+            return None
+        return record_cost(self.dims, rec, self.vision_depth, rec.llm_text or [0] * len(rec.llm_in), new_tokens)
+
+    def summary(self, new_tokens: int = 1) -> dict:
+        """Counts, FLOPs split, KV bytes and timings of the last prefill, as plain numbers."""
+        rec = self.last
+        out: dict[str, Any] = {"spec": self.spec, "adapter": self.adapter}
+        if rec is not None:
+            out.update(vision_in=rec.vision_in, vision_blocks=dict(rec.vision_blocks), vision_out=list(rec.vision_out),
+                       llm_in=list(rec.llm_in), llm_layers=dict(rec.llm_layers), kv_bytes=rec.kv_bytes)
+        c = self.cost(new_tokens)
+        if c is not None:
+            out.update(c.as_dict())
+        if self.times is not None:
+            out.update(self.times.as_dict())
+        return out
 
 
 def _resolve_pair(spec: Any, vision: Any, llm: Any, registry) -> Pair:
@@ -153,6 +189,7 @@ class Session:
                                "both strategies in one spec ('vision+llm').")
         try:
             self.adapter.attach(self)
+            self._attach_measurement()
         except BaseException:
             self.adapter.detach()  # nothing half-patched
             raise
@@ -160,6 +197,27 @@ class Session:
         self._open = True
         self.registry.pm.hook.tokcomp_session_opened(session=self)
         return self
+
+    def _attach_measurement(self) -> None:
+        """Stage timers on the adapter's modules and a KV-bytes probe after each prefill (all undone on exit)."""
+        from tokcomp.metrics.flops import kv_bytes
+        from tokcomp.metrics.timers import StageTimer
+        mods = self.adapter.stage_modules()
+        timer = StageTimer()
+        timer.attach(self.adapter.surgery, mods.get("vision"), mods.get("llm"))
+        self.report.times = timer.times
+        try:
+            self.report.dims = self.adapter.dims()
+            self.report.vision_depth = self.adapter.depths().get("vision", 0)
+        except NotImplementedError:
+            self.report.dims = None
+
+        def probe(module, args, kwargs, out):
+            rec = self.report.prefill[-1] if self.report.prefill else None
+            cache = getattr(out, "past_key_values", None)
+            if rec is not None and rec.kv_bytes is None and cache is not None:
+                rec.kv_bytes = kv_bytes(cache)
+        self.adapter.surgery.post_hook(self.model, probe)
 
     def __exit__(self, *exc) -> None:
         self.close()

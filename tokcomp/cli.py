@@ -182,7 +182,8 @@ def main(argv=None) -> int:
     s.set_defaults(fn=cmd_run)
     s = sub.add_parser("bench", help="every pair x budget vs the unmodified model: table, JSON and a PNG plot")
     s.add_argument("--model", default="tiny-qwen2-vl", help=" | ".join(BENCH_MODELS) + " | local PATH")
-    s.add_argument("--pairs", default="pool+random,random+random,none",
+    s.add_argument("--pairs", default="ipcv+dart,tome+fastv,dart_vit+v2drop,luvc_oim+luvc_spu,none+sparsevlm,"
+                                      "pool+random,none",
                    help='comma-separated pairs, e.g. "ipcv+dart,tome,fastv,none"')
     s.add_argument("--keep", default="0.5,0.35,0.2", help="comma-separated keep ratios")
     s.add_argument("--images", nargs="*", help="image files (default: procedural images)")

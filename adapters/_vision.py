@@ -293,8 +293,10 @@ def check_finish(tokens: VisionTokens, layout: VisionLayout, granularity: str, s
         raise AdapterError(f"{who} must return whole units from finish() ({layout.unit_size} tokens each); "
                            f"got {body.numel()} non-CLS tokens")
     # group by unit (a unit's patches need not be consecutive in tower order: InternVL's pixel-shuffle units span
-    # two patch rows), TL, TR, BL, BR by origin inside each unit; units come out in ascending id order
-    key = tokens.unit[body] * (layout.n_tokens + 1) + tokens.origin[body]
+    # two patch rows), TL, TR, BL, BR by origin inside each unit; units ordered by their first patch's tower
+    # position, so a complete set of units comes out in the order the merger / projector expects
+    first = patches[:, 0][tokens.unit[body].clamp(min=0)]
+    key = first * (layout.n_tokens + 1) + tokens.origin[body]
     rows = body[torch.argsort(key)].view(-1, layout.unit_size)
     ids = tokens.unit[rows[:, 0]]
     expect = patches[ids]                                # [U', u] origins each unit must have

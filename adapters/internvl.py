@@ -34,6 +34,7 @@ from tokcomp.hookspecs import hookimpl
 from tokcomp.session import ForwardRecord
 
 from ._internvl_vision import VisionEngine
+from ._llm import LLMEngine
 from ._repack import Repacked, left_repack, token_keep_mask
 from ._spans import visual_spans
 
@@ -130,11 +131,6 @@ class InternVLAdapter(Adapter):
             if abs(float(cfg.downsample_ratio) - 0.5) > 1e-9:
                 raise AdapterError(f"the internvl adapter needs pixel shuffle with downsample_ratio=0.5 (2x2 units); "
                                    f"this model uses {cfg.downsample_ratio}")
-        if llm is not None:
-            engine_cls = _engine_class()
-            checker = getattr(engine_cls, "check", None)
-            if callable(checker):
-                checker(self.model, self.lm, llm)
 
     def attach(self, session) -> None:
         self.session = session
@@ -147,7 +143,7 @@ class InternVLAdapter(Adapter):
         if self._changes_llm_length():
             for layer in self.lm.layers:     # gappy positions must not look like packed sequences (flash, B=1)
                 self.surgery.pre_hook(layer, self._layer_positions)
-        self.engine = _engine_class()(model=self.model, language_model=self.lm, pruner=session.llm,
+        self.engine = LLMEngine(model=self.model, language_model=self.lm, pruner=session.llm,
                                       surgery=self.surgery, on_prefill=self._on_prefill)
         self.engine.attach()
 
@@ -381,14 +377,6 @@ class InternVLAdapter(Adapter):
         elif ids is not None:
             visual = torch.zeros_like(ids, dtype=torch.bool)
         self.engine.begin(input_ids=ids, attention_mask=am, spans=spans, visual=visual)
-
-
-def _engine_class():
-    try:
-        from ._llm import LLMEngine
-    except ImportError as exc:  # pragma: no cover - the LLM side is a separate module
-        raise AdapterError(f"the LLM side of the internvl adapter is unavailable: {exc}") from exc
-    return LLMEngine
 
 
 @hookimpl

@@ -32,6 +32,7 @@ from tokcomp.hookspecs import hookimpl
 from tokcomp.session import ForwardRecord
 
 from ._qwen_layout import QwenVisionMeta, block_segments, initial_tokens, qwen_vision_meta
+from ._llm import LLMEngine
 from ._repack import Repacked, left_repack, token_keep_mask
 from ._vision import BlockOps, Finished, VisionRun, cu_seqlens_of, run_block_variant
 from ._spans import visual_spans
@@ -168,8 +169,6 @@ class Qwen2VLAdapter(Adapter):
                                    "an attention bias) but the vision tower runs "
                                    f"{self.visual.config._attn_implementation!r}. Fix: "
                                    "model.set_attn_implementation({'vision_config': 'sdpa'})")
-        if llm is not None:
-            _engine_class()  # the LLM side must be importable
 
     def attach(self, session) -> None:
         self.session = session
@@ -187,7 +186,7 @@ class Qwen2VLAdapter(Adapter):
         self.surgery.pre_hook(self.model, self._model_pre)
         self.surgery.pre_hook(self.model.model, self._base_pre)
         # the engine also runs without a pruner: it then only reports the visual tokens entering each layer
-        self.engine = _engine_class()(model=self.model, language_model=self.lm, pruner=session.llm,
+        self.engine = LLMEngine(model=self.model, language_model=self.lm, pruner=session.llm,
                                       surgery=self.surgery, on_prefill=self._on_prefill)
         self.engine.attach()
 
@@ -609,14 +608,6 @@ class Qwen2VLAdapter(Adapter):
                 visual = visual & am.bool()
             spans = visual_spans(prefill.ids, prefill.grids, prefill.keep, prefill.repacked)
         self.engine.begin(input_ids=ids, attention_mask=am, spans=spans, visual=visual)
-
-
-def _engine_class():
-    try:
-        from ._llm import LLMEngine
-    except ImportError as exc:  # pragma: no cover - the LLM side is a separate module
-        raise AdapterError(f"the LLM side of the qwen2_vl adapter is unavailable: {exc}") from exc
-    return LLMEngine
 
 
 @hookimpl

@@ -3,6 +3,8 @@
     .venv/bin/python benchmarks/performance.py overhead   [--model bench-qwen2-vl-2b] [--repeats 5]
     .venv/bin/python benchmarks/performance.py speedup    [--dtype bfloat16] [--pixels 1300] [--repeats 2]
     .venv/bin/python benchmarks/performance.py selection  [--sizes 1024,4096,16384]
+    .venv/bin/python benchmarks/performance.py vision-table   (issue 5: each vision compressor, tower time vs FLOPs)
+    .venv/bin/python benchmarks/performance.py llm-table      (issue 6: each LLM pruner, prefill time vs FLOPs)
 
 overhead:  a session at keep 1.0 against no session (prefill = generate(max_new_tokens=1)), on a bench-shaped model.
 speedup:   realised prefill speedup against the FLOPs-model speedup for ipcv+dart (0.35/0.35), fastv and dart alone,
@@ -14,21 +16,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
-
-def _median(fn, repeats):
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+from tokcomp.metrics.timers import median_time
 
 
-def _model(name, dtype, pixels=None):
+def _model(name, dtype, pixels=None, side=None):
     from tokcomp.cli import BENCH_MODELS
     from tokcomp.run import build_inputs
     from tokcomp.testing import build_model
@@ -40,6 +34,7 @@ def _model(name, dtype, pixels=None):
     vlm = build_model(preset, dtype=getattr(torch, dtype), **over)
     if pixels:  # an image of ~pixels visual tokens (28x28 px each)
         side = int(round((pixels ** 0.5))) * 28
+    if side:
         sizes = [(side, side)]
     h, w = sizes[0]
     inputs = build_inputs(vlm.model, vlm.processor, vlm, procedural_image(h, w, seed=0), "describe the image")
@@ -53,14 +48,14 @@ def _prefill(model, inputs):
 
 def overhead(args):
     import tokcomp
-    model, inputs = _model(args.model, args.dtype)
+    model, inputs = _model(args.model, args.dtype, side=args.side)
     _prefill(model, inputs)
     rows = []
     for spec in ("none", "random(keep_ratio=1.0)+random(keep_ratio=1.0)", "ipcv(keep_ratio=1.0)+dart(keep_ratio=1.0)"):
-        base = _median(lambda: _prefill(model, inputs), args.repeats)
+        base = median_time(lambda: _prefill(model, inputs), args.repeats)
         with tokcomp.compress(model, spec):
             _prefill(model, inputs)
-            t = _median(lambda: _prefill(model, inputs), args.repeats)
+            t = median_time(lambda: _prefill(model, inputs), args.repeats)
         rows.append((spec, base, t))
     print(f"| session (keep 1.0) | no session, s | in session, s | ratio |\n|---|---|---|---|")
     for spec, base, t in rows:
@@ -74,8 +69,7 @@ def speedup(args):
     n_vis = int((inputs["input_ids"] == model.config.image_token_id).sum())
     text = [int(inputs["attention_mask"][0].sum()) - n_vis]
     print(f"visual tokens: {n_vis}, dtype {args.dtype}, threads {torch.get_num_threads()}")
-    _prefill(model, inputs)
-    base_t = _median(lambda: _prefill(model, inputs), args.repeats)
+    base_t = median_time(lambda: _prefill(model, inputs), args.repeats)   # no warm-up: each prefill takes a minute
     with tokcomp.compress(model, "none") as s, torch.inference_mode():
         model(**inputs)
     depth = s.adapter.depths()["vision"]
@@ -85,10 +79,7 @@ def speedup(args):
     print(f"| unmodified | {base_t:.2f} | 1.00 | 1.00 | - |")
     for spec in args.specs.split(";"):
         with tokcomp.compress(model, spec) as s:
-            _prefill(model, inputs)
-            t = _median(lambda: _prefill(model, inputs), args.repeats)
-            with torch.inference_mode():
-                model(**inputs)
+            t = median_time(lambda: _prefill(model, inputs), args.repeats)
         f = record_cost(s.adapter.dims(), s.report.prefill[-1], depth, text, 1)
         real, pred = base_t / t, base_f.total / f.total
         saving = (1 - t / base_t) / (1 - f.total / base_f.total) if f.total < base_f.total else float("nan")
@@ -118,8 +109,95 @@ def selection(args):
         def sparse():
             dpc_knn(x[:m], max(1, m // 10), max(1, m // 10), chunk=1024)
 
-        print(f"| {n} | {_median(ipcv, args.repeats):.3f} | {_median(tome, args.repeats):.3f} | "
-              f"{_median(sparse, args.repeats):.3f} |")
+        print(f"| {n} | {median_time(ipcv, args.repeats):.3f} | {median_time(tome, args.repeats):.3f} | "
+              f"{median_time(sparse, args.repeats):.3f} |")
+
+
+def _qwen2b(dtype, text_layers=None):
+    """The Qwen2-VL-2B-shaped preset (real depths and widths, random weights)."""
+    from tokcomp.testing import build_model
+    over = {} if text_layers is None else {"text_layers": text_layers}
+    return build_model("qwen2-vl-2b-shaped", dtype=getattr(torch, dtype), **over)
+
+
+def vision_table(args):
+    """Issue 5: vision-tower time relative to the unmodified tower, next to the FLOPs-model ratio."""
+    import tokcomp
+    from tokcomp.metrics.cost import vision_cost
+    from tokcomp.testing import make_inputs
+    from tokcomp.testing.images import procedural_image
+    vlm = _qwen2b(args.dtype, text_layers=1)          # the tower is the real one; the LLM is not used here
+    model = vlm.model
+    side = args.side
+    inputs = make_inputs(vlm, [procedural_image(side, side, seed=0)])
+    pv, grid = inputs["pixel_values"].to(getattr(torch, args.dtype)), inputs["image_grid_thw"]
+
+    def tower():
+        with torch.inference_mode():
+            model.model.get_image_features(pixel_values=pv, image_grid_thw=grid)
+    tower()
+    base_t = median_time(tower, args.repeats)
+    with tokcomp.compress(model, "none") as s:
+        tower()
+    vd, depth = s.adapter.dims()[0], s.adapter.depths()["vision"]
+    base_f = vision_cost(vd, s.report.vision[-1], depth)
+    print(f"patches {int(grid.prod())}, dtype {args.dtype}, threads {torch.get_num_threads()}, "
+          f"unmodified tower {base_t:.2f} s")
+    print("| method | keep | tower time ratio | FLOPs-model ratio | realised / predicted saving |")
+    print("|---|---|---|---|---|")
+    for name in args.methods.split(","):
+        for k in [float(x) for x in args.keep.split(",")]:
+            with tokcomp.compress(model, vision=f"{name}(keep_ratio={k})") as s:
+                tower()
+                t = median_time(tower, args.repeats)
+            f = vision_cost(vd, s.report.vision[-1], depth)
+            saving = (1 - t / base_t) / (1 - f / base_f) if f < base_f else float("nan")
+            print(f"| {name} | {k:g} | {t / base_t:.3f} | {f / base_f:.3f} | {saving:.0%} |", flush=True)
+
+
+def llm_table(args):
+    """Issue 6: LLM prefill time relative to the unmodified model, next to the FLOPs-model ratio (vision features
+    computed once and passed in, so only the language model is timed)."""
+    import tokcomp
+    from tokcomp.metrics.cost import llm_cost
+    from tokcomp.testing import make_inputs
+    from tokcomp.testing.images import procedural_image
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+    vlm = _qwen2b(args.dtype)
+    model = vlm.model
+    inputs = make_inputs(vlm, [procedural_image(args.side, args.side, seed=0)])
+    inputs["pixel_values"] = inputs["pixel_values"].to(getattr(torch, args.dtype))
+    with torch.inference_mode():
+        feats = model.model.get_image_features(pixel_values=inputs["pixel_values"],
+                                               image_grid_thw=inputs["image_grid_thw"])
+    kw = {k: v for k, v in inputs.items() if k != "pixel_values"}
+    kw["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=feats.pooler_output)}
+    n_vis = int((inputs["input_ids"] == model.config.image_token_id).sum())
+
+    def prefill():
+        with torch.inference_mode():
+            model(**kw, use_cache=True, logits_to_keep=1)
+    prefill()
+    base_t = median_time(prefill, args.repeats)
+    with tokcomp.compress(model, "none") as s:
+        prefill()
+    ld = s.adapter.dims()[1]
+    text = s.report.last.llm_text
+    base_f = llm_cost(ld, s.report.last, text, 1)[0]
+    print(f"visual tokens {n_vis}, text {text[0]}, dtype {args.dtype}, threads {torch.get_num_threads()}, "
+          f"unmodified prefill {base_t:.2f} s")
+    print("| pruner | keep | prefill time ratio | FLOPs-model ratio | realised / predicted saving | layer-avg visual |")
+    print("|---|---|---|---|---|---|")
+    for name in args.methods.split(","):
+        for k in [float(x) for x in args.keep.split(",")]:
+            with tokcomp.compress(model, llm=f"{name}(keep_ratio={k})") as s:
+                prefill()
+                t = median_time(prefill, args.repeats)
+            rec = s.report.last
+            f = llm_cost(ld, rec, text, 1)[0]
+            avg = statistics.mean(v[0] for v in rec.llm_layers.values())
+            saving = (1 - t / base_t) / (1 - f / base_f) if f < base_f else float("nan")
+            print(f"| {name} | {k:g} | {t / base_t:.3f} | {f / base_f:.3f} | {saving:.0%} | {avg:.0f} |", flush=True)
 
 
 def main(argv=None):
@@ -127,16 +205,31 @@ def main(argv=None):
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("overhead")
     s.add_argument("--model", default="bench-qwen2-vl-2b")
+    s.add_argument("--side", type=int, default=448, help="image side in px")
     s.add_argument("--dtype", default="float32")
     s.add_argument("--repeats", type=int, default=5)
     s.set_defaults(fn=overhead)
     s = sub.add_parser("speedup")
     s.add_argument("--dtype", default="bfloat16")
     s.add_argument("--pixels", type=int, default=1300, help="visual tokens wanted (image side = sqrt * 28 px)")
-    s.add_argument("--repeats", type=int, default=2)
+    s.add_argument("--repeats", type=int, default=1)
     s.add_argument("--specs", default="ipcv(keep_ratio=0.35)+dart(keep_ratio=0.35);none+fastv(keep_ratio=0.35);"
                                       "none+dart(keep_ratio=0.35)")
     s.set_defaults(fn=speedup)
+    s = sub.add_parser("vision-table")
+    s.add_argument("--dtype", default="bfloat16")
+    s.add_argument("--side", type=int, default=448, help="image side in px (448: 1,024 patches)")
+    s.add_argument("--methods", default="ipcv,tome,tofu,dart_vit,luvc_oim,pool,random")
+    s.add_argument("--keep", default="0.5,0.35,0.2")
+    s.add_argument("--repeats", type=int, default=2)
+    s.set_defaults(fn=vision_table)
+    s = sub.add_parser("llm-table")
+    s.add_argument("--dtype", default="bfloat16")
+    s.add_argument("--side", type=int, default=896, help="image side in px (896: 1,024 visual tokens)")
+    s.add_argument("--methods", default="fastv,dart,v2drop,sparsevlm,luvc_spu,random")
+    s.add_argument("--keep", default="0.35,0.2")
+    s.add_argument("--repeats", type=int, default=2)
+    s.set_defaults(fn=llm_table)
     s = sub.add_parser("selection")
     s.add_argument("--sizes", default="1024,4096,16384")
     s.add_argument("--width", type=int, default=1280)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,8 @@ import torch.nn.functional as F
 
 from tokcomp.metrics.cost import record_cost
 from tokcomp.metrics.flops import kv_bytes
+from tokcomp.metrics.timers import median_time
+from tokcomp.run import generate_greedy
 
 
 @dataclass
@@ -68,17 +69,6 @@ def specs_for(pairs: str, keeps: list[float], registry) -> list[tuple[str, float
     return out
 
 
-def _median(fn, repeats: int) -> float:
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
-
-
 def _extend(inputs: dict, tokens: torch.Tensor) -> dict:
     """Prompt + ``tokens`` [1, N] as one input dict (teacher forcing)."""
     ext = dict(inputs)
@@ -107,11 +97,6 @@ def _logp(model, inputs, cont) -> torch.Tensor:
     return F.log_softmax(logits[0, -(n + 1):-1].float(), -1)
 
 
-def _generate(model, inputs, n):
-    with torch.inference_mode():
-        return model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-
-
 def _features(adapter, inputs):
     try:
         with torch.inference_mode():
@@ -123,11 +108,11 @@ def _features(adapter, inputs):
 def _measure_state(model, inputs, new_tokens, repeats):
     """Timings, KV bytes and the greedy continuation of the model in its current state (session or not)."""
     L = inputs["input_ids"].shape[1]
-    lat = _median(lambda: _generate(model, inputs, new_tokens), repeats)
-    ttft = _median(lambda: _generate(model, inputs, 1), repeats)
+    lat = median_time(lambda: generate_greedy(model, inputs, new_tokens), repeats)
+    ttft = median_time(lambda: generate_greedy(model, inputs, 1), repeats)
     with torch.inference_mode():
         kv = kv_bytes(model(**inputs, use_cache=True).past_key_values)
-    return lat, ttft, kv, _generate(model, inputs, new_tokens)[:, L:]
+    return lat, ttft, kv, generate_greedy(model, inputs, new_tokens)[:, L:]
 
 
 def measure(model, inputs_list, spec, bases, *, new_tokens, repeats, registry, adapter_cls) -> Row:

@@ -5,12 +5,12 @@ the whole ``generate``, and decode time per token derived from the two; each is 
 """
 from __future__ import annotations
 
-import statistics
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from tokcomp.metrics.timers import median_time
 
 
 @dataclass
@@ -56,29 +56,19 @@ def build_inputs(model, processor, vlm, image, prompt: str):
     return processor(text=[text], images=[image], return_tensors="pt").to(model.device)
 
 
-def _generate(model, inputs, n: int):
+def generate_greedy(model, inputs, n: int):
+    """Exactly ``n`` greedy new tokens (``[B, L + n]``)."""
     with torch.inference_mode():
         return model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
 
 
-def _median_time(fn, repeats: int) -> float:
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
-
-
 def measure(model, processor, inputs, max_new_tokens: int, repeats: int) -> Run:
     """Answer + timings of the current model state (inside or outside a session)."""
-    out = _generate(model, inputs, max_new_tokens)
+    out = generate_greedy(model, inputs, max_new_tokens)
     prompt_len = inputs["input_ids"].shape[1]
     answer = processor.batch_decode(out[:, prompt_len:], skip_special_tokens=True)[0]
-    ttft = _median_time(lambda: _generate(model, inputs, 1), repeats)
-    total = _median_time(lambda: _generate(model, inputs, max_new_tokens), repeats)
+    ttft = median_time(lambda: generate_greedy(model, inputs, 1), repeats)
+    total = median_time(lambda: generate_greedy(model, inputs, max_new_tokens), repeats)
     return Run(answer, ttft, total, int(out.shape[1] - prompt_len))
 
 

@@ -12,6 +12,19 @@ from dataclasses import dataclass, field
 import torch
 
 
+def median_time(fn, repeats: int) -> float:
+    """Median wall time of ``repeats`` calls of ``fn()`` (CUDA-synchronised after each call when CUDA is present)."""
+    import statistics
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
 def _sync(module) -> None:
     p = next(module.parameters(), None)
     if p is not None and p.is_cuda:

@@ -87,6 +87,7 @@ def test_attach_failure_leaves_nothing_half_patched(registry, monkeypatch):
     ({"llm": "random(keep_ratio=0.5,layer=2)"}, ConfigError, "2 layers"),
     ({"vision": "pool"}, ConfigError, "needs a budget"),
     ({"llm": "pool(keep_ratio=0.5)"}, ConfigError, "is a vision compressor, not an LLM pruner"),
+    ({"vision": "fastv(keep_ratio=0.5)"}, ConfigError, "is an LLM pruner, not a vision compressor"),
     ({"vision": 3}, ConfigError, "vision= takes"),
     ({"spec": "pool(keep_ratio=0.5)", "vision": "pool(keep_ratio=0.5)"}, ConfigError, "not both"),
 ])

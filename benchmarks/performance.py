@@ -47,77 +47,58 @@ def _prefill(model, inputs):
 
 
 def overhead(args):
+    """Interleaved: each repeat times the unmodified model, then the same prefill inside a keep-1.0 session, so
+    machine noise hits both sides alike; the figure is the median of the per-repeat ratios."""
     import tokcomp
     model, inputs = _model(args.model, args.dtype, side=args.side)
     _prefill(model, inputs)
-    rows = []
+    print("| session (keep 1.0) | no session, s (median) | in session, s (median) | median ratio |")
+    print("|---|---|---|---|")
     for spec in ("none", "random(keep_ratio=1.0)+random(keep_ratio=1.0)", "ipcv(keep_ratio=1.0)+dart(keep_ratio=1.0)"):
-        base = median_time(lambda: _prefill(model, inputs), args.repeats)
-        with tokcomp.compress(model, spec):
-            _prefill(model, inputs)
-            t = median_time(lambda: _prefill(model, inputs), args.repeats)
-        rows.append((spec, base, t))
-    print(f"| session (keep 1.0) | no session, s | in session, s | ratio |\n|---|---|---|---|")
-    for spec, base, t in rows:
-        print(f"| `{spec}` | {base:.3f} | {t:.3f} | {t / base:.3f} |")
+        base, sess = [], []
+        for _ in range(args.repeats):
+            base.append(median_time(lambda: _prefill(model, inputs), 1))
+            with tokcomp.compress(model, spec):
+                sess.append(median_time(lambda: _prefill(model, inputs), 1))
+        ratio = statistics.median(s / b for s, b in zip(sess, base))
+        print(f"| `{spec}` | {statistics.median(base):.3f} | {statistics.median(sess):.3f} | {ratio:.3f} |",
+              flush=True)
 
 
 def speedup(args):
+    """Each spec is timed interleaved with the unmodified model (repeat: base, then spec), so drift on a shared
+    machine hits both; realised speedup = median(base) / median(spec)."""
     import tokcomp
     from tokcomp.metrics.cost import record_cost
     model, inputs = _model("qwen2-vl-2b-shaped", args.dtype, pixels=args.pixels)
     n_vis = int((inputs["input_ids"] == model.config.image_token_id).sum())
     text = [int(inputs["attention_mask"][0].sum()) - n_vis]
-    print(f"visual tokens: {n_vis}, dtype {args.dtype}, threads {torch.get_num_threads()}")
-    base_t = median_time(lambda: _prefill(model, inputs), args.repeats)   # no warm-up: each prefill takes a minute
-    with tokcomp.compress(model, "none") as s, torch.inference_mode():
-        model(**inputs)
-    depth = s.adapter.depths()["vision"]
-    base_f = record_cost(s.adapter.dims(), s.report.prefill[-1], depth, text, 1)
-    print("| spec | prefill s | realised speedup | FLOPs-model speedup | realised / predicted saving |")
-    print("|---|---|---|---|---|")
-    print(f"| unmodified | {base_t:.2f} | 1.00 | 1.00 | - |")
+    print(f"visual tokens: {n_vis}, dtype {args.dtype}, threads {torch.get_num_threads()}, "
+          f"{args.repeats} interleaved repeat(s)")
+    base_f = None
+    print("| spec | unmodified prefill s | prefill s | realised speedup | FLOPs-model speedup | realised / predicted saving |")
+    print("|---|---|---|---|---|---|")
     for spec in args.specs.split(";"):
-        with tokcomp.compress(model, spec) as s:
-            t = median_time(lambda: _prefill(model, inputs), args.repeats)
+        base, comp = [], []
+        for _ in range(args.repeats):
+            base.append(median_time(lambda: _prefill(model, inputs), 1))
+            with tokcomp.compress(model, spec) as s:
+                comp.append(median_time(lambda: _prefill(model, inputs), 1))
+        if base_f is None:
+            with tokcomp.compress(model, "none") as b:
+                _prefill(model, inputs)
+            depth = b.adapter.depths()["vision"]
+            base_f = record_cost(b.adapter.dims(), b.report.prefill[-1], depth, text, 1)
         f = record_cost(s.adapter.dims(), s.report.prefill[-1], depth, text, 1)
-        real, pred = base_t / t, base_f.total / f.total
-        saving = (1 - t / base_t) / (1 - f.total / base_f.total) if f.total < base_f.total else float("nan")
-        print(f"| `{spec}` | {t:.2f} | {real:.2f} | {pred:.2f} | {saving:.0%} |")
+        bt, t = statistics.median(base), statistics.median(comp)
+        real, pred = bt / t, base_f.total / f.total
+        saving = (1 - t / bt) / (1 - f.total / base_f.total) if f.total < base_f.total else float("nan")
+        print(f"| `{spec}` | {bt:.2f} | {t:.2f} | {real:.2f} | {pred:.2f} | {saving:.0%} |", flush=True)
 
 
-def selection(args):
-    from tokcomp.ops import dpc_knn, knn, matching_per_segment, neighbor_guided_reconstruction
-    C = args.width
-    print(f"| tokens | IPCV kNN+NGR (keep 0.35), s | ToMe matching (r = N/4), s | SparseVLM DPC (30% of 65% dropped), s |")
-    print("|---|---|---|---|")
-    for n in [int(x) for x in args.sizes.split(",")]:
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(n, C, generator=g)
-        k = int(n * 0.35)
-        kept, rem = x[:k], x[k:]
-
-        def ipcv():
-            nn = knn(rem, kept, 10, chunk=1024)
-            neighbor_guided_reconstruction(rem, kept - kept.roll(1, 0), nn)
-
-        def tome():
-            matching_per_segment(x, torch.zeros(n, dtype=torch.long), n // 4)
-
-        m = int(0.3 * (n - k)) + 1
-
-        def sparse():
-            dpc_knn(x[:m], max(1, m // 10), max(1, m // 10), chunk=1024)
-
-        print(f"| {n} | {median_time(ipcv, args.repeats):.3f} | {median_time(tome, args.repeats):.3f} | "
-              f"{median_time(sparse, args.repeats):.3f} |")
-
-
-def _qwen2b(dtype, text_layers=None):
-    """The Qwen2-VL-2B-shaped preset (real depths and widths, random weights)."""
-    from tokcomp.testing import build_model
-    over = {} if text_layers is None else {"text_layers": text_layers}
-    return build_model("qwen2-vl-2b-shaped", dtype=getattr(torch, dtype), **over)
+def _with_keep(name: str, k: float) -> str:
+    """``"dart_vit(layer=2)"`` + 0.35 -> ``"dart_vit(layer=2,keep_ratio=0.35)"``; bare names get ``(keep_ratio=k)``."""
+    return f"{name[:-1]},keep_ratio={k})" if name.endswith(")") else f"{name}(keep_ratio={k})"
 
 
 def vision_table(args):
@@ -145,14 +126,14 @@ def vision_table(args):
           f"unmodified tower {base_t:.2f} s")
     print("| method | keep | tower time ratio | FLOPs-model ratio | realised / predicted saving |")
     print("|---|---|---|---|---|")
-    for name in args.methods.split(","):
+    for name in args.methods.split(";"):
         for k in [float(x) for x in args.keep.split(",")]:
-            with tokcomp.compress(model, vision=f"{name}(keep_ratio={k})") as s:
+            with tokcomp.compress(model, vision=_with_keep(name, k)) as s:
                 tower()
                 t = median_time(tower, args.repeats)
             f = vision_cost(vd, s.report.vision[-1], depth)
             saving = (1 - t / base_t) / (1 - f / base_f) if f < base_f else float("nan")
-            print(f"| {name} | {k:g} | {t / base_t:.3f} | {f / base_f:.3f} | {saving:.0%} |", flush=True)
+            print(f"| `{name}` | {k:g} | {t / base_t:.3f} | {f / base_f:.3f} | {saving:.0%} |", flush=True)
 
 
 def llm_table(args):
@@ -212,14 +193,15 @@ def main(argv=None):
     s = sub.add_parser("speedup")
     s.add_argument("--dtype", default="bfloat16")
     s.add_argument("--pixels", type=int, default=1300, help="visual tokens wanted (image side = sqrt * 28 px)")
-    s.add_argument("--repeats", type=int, default=1)
+    s.add_argument("--repeats", type=int, default=2)
     s.add_argument("--specs", default="ipcv(keep_ratio=0.35)+dart(keep_ratio=0.35);none+fastv(keep_ratio=0.35);"
                                       "none+dart(keep_ratio=0.35)")
     s.set_defaults(fn=speedup)
     s = sub.add_parser("vision-table")
     s.add_argument("--dtype", default="bfloat16")
     s.add_argument("--side", type=int, default=448, help="image side in px (448: 1,024 patches)")
-    s.add_argument("--methods", default="ipcv,tome,tofu,dart_vit,luvc_oim,pool,random")
+    s.add_argument("--methods", default="ipcv;tome;tofu;dart_vit;luvc_oim;pool;random",
+                   help='";"-separated names or spec parts, e.g. "ipcv;dart_vit(layer=2)"')
     s.add_argument("--keep", default="0.5,0.35,0.2")
     s.add_argument("--repeats", type=int, default=2)
     s.set_defaults(fn=vision_table)

@@ -96,6 +96,34 @@ def speedup(args):
         print(f"| `{spec}` | {bt:.2f} | {t:.2f} | {real:.2f} | {pred:.2f} | {saving:.0%} |", flush=True)
 
 
+def selection(args):
+    from tokcomp.ops import dpc_knn, knn, matching_per_segment, neighbor_guided_reconstruction
+    C = args.width
+    print(f"| tokens | IPCV kNN+NGR (keep 0.35), s | ToMe matching (r = N/4), s | SparseVLM DPC (30% of 65% dropped), s |")
+    print("|---|---|---|---|")
+    for n in [int(x) for x in args.sizes.split(",")]:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(n, C, generator=g)
+        k = int(n * 0.35)
+        kept, rem = x[:k], x[k:]
+
+        def ipcv():
+            nn = knn(rem, kept, 10, chunk=1024)
+            neighbor_guided_reconstruction(rem, kept - kept.roll(1, 0), nn)
+
+        def tome():
+            matching_per_segment(x, torch.zeros(n, dtype=torch.long), n // 4)
+
+        m = int(0.3 * (n - k)) + 1
+
+        def sparse():
+            dpc_knn(x[:m], max(1, m // 10), max(1, m // 10), chunk=1024)
+
+        print(f"| {n} | {median_time(ipcv, args.repeats):.3f} | {median_time(tome, args.repeats):.3f} | "
+              f"{median_time(sparse, args.repeats):.3f} |")
+
+
+
 def _with_keep(name: str, k: float) -> str:
     """``"dart_vit(layer=2)"`` + 0.35 -> ``"dart_vit(layer=2,keep_ratio=0.35)"``; bare names get ``(keep_ratio=k)``."""
     return f"{name[:-1]},keep_ratio={k})" if name.endswith(")") else f"{name}(keep_ratio={k})"

@@ -41,6 +41,32 @@ VarlenFn = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, int, int], Tensor]
 
 
 # ------------------------------------------------------------------------------------------------------
+# what a vision-driving adapter can serve
+# ------------------------------------------------------------------------------------------------------
+def is_flash(config) -> bool:
+    """True when ``config`` asks for a flash-attention implementation."""
+    from transformers.utils.generic import is_flash_attention_requested
+    return bool(is_flash_attention_requested(config))
+
+
+def check_vision_strategy(adapter: str, vision, tower_config, tower_name: str = "the vision tower") -> None:
+    """Refuse, before any forward, a vision compressor this adapter family cannot serve: a granularity other than
+    patch/unit, attention rows or keys from the tower (block variants get head-averaged keys through
+    ``BlockVariant.mid`` instead), or an attention bias on a flash-attention tower."""
+    if vision.granularity not in ("patch", "unit"):
+        raise AdapterError(f"vision strategy {vision.name!r} declares granularity {vision.granularity!r}; "
+                           f"the {adapter} adapter serves 'patch' or 'unit' vision compressors")
+    if vision.needs_attention_rows or vision.needs_keys:
+        raise AdapterError(f"vision strategy {vision.name!r} needs attention rows / keys from the vision "
+                           f"tower, which the {adapter} adapter does not provide (block variants get "
+                           "head-averaged keys through BlockVariant.mid)")
+    if not vision.flash_compatible and is_flash(tower_config):
+        raise AdapterError(f"vision strategy {vision.name!r} is not flash-attention compatible (it needs an "
+                           f"attention bias) but {tower_name} runs {tower_config._attn_implementation!r}. Fix: "
+                           "model.set_attn_implementation({'vision_config': 'sdpa'})")
+
+
+# ------------------------------------------------------------------------------------------------------
 # segments and order
 # ------------------------------------------------------------------------------------------------------
 def cu_seqlens_of(seg: Tensor) -> tuple[Tensor, int]:

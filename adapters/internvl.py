@@ -34,14 +34,10 @@ from tokcomp.hookspecs import hookimpl
 from tokcomp.session import ForwardRecord
 
 from ._internvl_vision import VisionEngine
+from ._vision import check_vision_strategy
 from ._llm import LLMEngine
 from ._repack import Repacked, left_repack, token_keep_mask
 from ._spans import visual_spans
-
-
-def _flash(config) -> bool:
-    from transformers.utils.generic import is_flash_attention_requested
-    return bool(is_flash_attention_requested(config))
 
 
 @dataclass
@@ -111,18 +107,7 @@ class InternVLAdapter(Adapter):
     def check(self, vision, llm) -> None:
         cfg = self.model.config
         if vision is not None:
-            if vision.granularity not in ("patch", "unit"):
-                raise AdapterError(f"vision strategy {vision.name!r} declares granularity {vision.granularity!r}; "
-                                   "the internvl adapter serves 'patch' or 'unit' vision compressors")
-            if vision.needs_attention_rows or vision.needs_keys:
-                raise AdapterError(f"vision strategy {vision.name!r} needs attention rows / keys from the vision "
-                                   "tower, which the internvl adapter does not provide (block variants get "
-                                   "head-averaged keys through BlockVariant.mid)")
-            if not vision.flash_compatible and _flash(self.tower.config):
-                raise AdapterError(f"vision strategy {vision.name!r} is not flash-attention compatible (it needs an "
-                                   "attention bias) but InternViT runs "
-                                   f"{self.tower.config._attn_implementation!r}. Fix: "
-                                   "model.set_attn_implementation({'vision_config': 'sdpa'})")
+            check_vision_strategy(self.name, vision, self.tower.config, "InternViT")
             if cfg.vision_feature_layer != -1 or cfg.vision_feature_select_strategy != "default":
                 raise AdapterError("the internvl adapter compresses the last InternViT layer's tokens; this model "
                                    f"reads vision_feature_layer={cfg.vision_feature_layer!r} with "

@@ -34,7 +34,8 @@ from tokcomp.session import ForwardRecord
 from ._qwen_layout import QwenVisionMeta, block_segments, initial_tokens, qwen_vision_meta
 from ._llm import LLMEngine
 from ._repack import Repacked, left_repack, token_keep_mask
-from ._vision import BlockOps, Finished, VisionRun, cu_seqlens_of, run_block_variant
+from ._vision import (BlockOps, Finished, VisionRun, check_vision_strategy, cu_seqlens_of, is_flash,
+                      run_block_variant)
 from ._spans import visual_spans
 
 
@@ -48,11 +49,6 @@ def _meta_only_tokens(meta):
     """A hidden-less token view of a call's metadata (enough for :func:`block_segments`)."""
     from types import SimpleNamespace
     return SimpleNamespace(segment=meta.segment, unit=meta.unit)
-
-
-def _flash(config) -> bool:
-    from transformers.utils.generic import is_flash_attention_requested
-    return bool(is_flash_attention_requested(config))
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -157,18 +153,7 @@ class Qwen2VLAdapter(Adapter):
 
     def check(self, vision, llm) -> None:
         if vision is not None:
-            if vision.granularity not in ("patch", "unit"):
-                raise AdapterError(f"vision strategy {vision.name!r} declares granularity {vision.granularity!r}; "
-                                   "the qwen2_vl adapter serves 'patch' or 'unit' vision compressors")
-            if vision.needs_attention_rows or vision.needs_keys:
-                raise AdapterError(f"vision strategy {vision.name!r} needs attention rows / keys from the vision "
-                                   "tower, which the qwen2_vl adapter does not provide (block variants get "
-                                   "head-averaged keys through BlockVariant.mid)")
-            if not vision.flash_compatible and _flash(self.visual.config):
-                raise AdapterError(f"vision strategy {vision.name!r} is not flash-attention compatible (it needs "
-                                   "an attention bias) but the vision tower runs "
-                                   f"{self.visual.config._attn_implementation!r}. Fix: "
-                                   "model.set_attn_implementation({'vision_config': 'sdpa'})")
+            check_vision_strategy(self.name, vision, self.visual.config)
 
     def attach(self, session) -> None:
         self.session = session
@@ -258,7 +243,7 @@ class Qwen2VLAdapter(Adapter):
         cu, longest = cu_seqlens_of(seg)
         kw = dict(kw)
         kw["cu_seqlens"] = cu.to(hidden.device)
-        kw["max_seqlen"] = longest if _flash(self.visual.config) else None
+        kw["max_seqlen"] = longest if is_flash(self.visual.config) else None
         kw["position_embeddings"] = rope
         return (hidden, *args[1:]), kw
 
@@ -356,7 +341,7 @@ class Qwen2VLAdapter(Adapter):
             return fn(attn, q, k, v, attention_mask=mask, scaling=attn.scaling, dropout=0.0, is_causal=False)[0]
 
         varlen = None
-        if _flash(attn.config):
+        if is_flash(attn.config):
             def varlen(q, k, v, cu_q, cu_k, max_q, max_k):
                 return fn(attn, q, k, v, attention_mask=None, scaling=attn.scaling, dropout=0.0, is_causal=False,
                           cu_seq_lens_q=cu_q, cu_seq_lens_k=cu_k, max_length_q=max_q, max_length_k=max_k)[0]

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from tokcomp.metrics.cost import record_cost
 from tokcomp.metrics.flops import kv_bytes
 from tokcomp.metrics.timers import median_time
-from tokcomp.run import generate_greedy
+from tokcomp.run import extend_inputs, generate_greedy
 
 
 @dataclass
@@ -69,18 +69,6 @@ def specs_for(pairs: str, keeps: list[float], registry) -> list[tuple[str, float
     return out
 
 
-def _extend(inputs: dict, tokens: torch.Tensor) -> dict:
-    """Prompt + ``tokens`` [1, N] as one input dict (teacher forcing)."""
-    ext = dict(inputs)
-    n = tokens.shape[1]
-    ext["input_ids"] = torch.cat([inputs["input_ids"], tokens], 1)
-    if inputs.get("attention_mask") is not None:
-        ext["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(tokens)], 1)
-    if inputs.get("mm_token_type_ids") is not None:
-        ext["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(tokens)], 1)
-    return ext
-
-
 @dataclass
 class _Base:
     tokens: torch.Tensor          # [1, N] greedy continuation
@@ -93,7 +81,7 @@ def _logp(model, inputs, cont) -> torch.Tensor:
     the prompt to fewer tokens)."""
     n = cont.shape[1]
     with torch.inference_mode():
-        logits = model(**_extend(inputs, cont), use_cache=False).logits
+        logits = model(**extend_inputs(inputs, cont), use_cache=False).logits
     return F.log_softmax(logits[0, -(n + 1):-1].float(), -1)
 
 

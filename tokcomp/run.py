@@ -56,6 +56,18 @@ def build_inputs(model, processor, vlm, image, prompt: str):
     return processor(text=[text], images=[image], return_tensors="pt").to(model.device)
 
 
+def extend_inputs(inputs: dict, tokens: torch.Tensor) -> dict:
+    """Prompt + ``tokens`` [B, N] as one input dict (teacher forcing / no-cache recompute): ``input_ids``,
+    ``attention_mask`` and ``mm_token_type_ids`` (the new tokens are text) extended; everything else as given."""
+    ext = dict(inputs)
+    ext["input_ids"] = torch.cat([inputs["input_ids"], tokens], 1)
+    if inputs.get("attention_mask") is not None:
+        ext["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(tokens)], 1)
+    if inputs.get("mm_token_type_ids") is not None:
+        ext["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(tokens)], 1)
+    return ext
+
+
 def generate_greedy(model, inputs, n: int):
     """Exactly ``n`` greedy new tokens (``[B, L + n]``)."""
     with torch.inference_mode():

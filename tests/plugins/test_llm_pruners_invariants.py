@@ -16,6 +16,7 @@ import torch
 import tokcomp
 from llm_fakes import layer_counts_from_plan  # noqa: I001 (tests/ is on sys.path)
 from tokcomp.ops.schedule import achieved_counts
+from tokcomp.run import extend_inputs
 from tokcomp.strategy import LLMPruner
 from tokcomp.testing import invariants as inv
 from tokcomp.tokens import LLMStep, Selection
@@ -95,14 +96,7 @@ def check_cached_matches_recompute(vlm, vision: str | None, pruner: LLMPruner, r
         out = inv._generate(model, inputs, new_tokens, output_logits=True, return_dict_in_generate=True)
         seq, steps = out.sequences, torch.stack(out.logits, 1)
         counts = session.report.last.llm_layers
-        full = dict(inputs)
-        b = seq.shape[0]
-        full["input_ids"] = seq
-        full["attention_mask"] = torch.cat([inputs["attention_mask"],
-                                            inputs["attention_mask"].new_ones(b, new_tokens)], 1)
-        if "mm_token_type_ids" in inputs:
-            full["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"],
-                                                   inputs["mm_token_type_ids"].new_zeros(b, new_tokens)], 1)
+        full = extend_inputs(inputs, seq[:, inputs["input_ids"].shape[1]:])
         if replay:
             assert llm.recorded, "the pruner never ran"
             llm.replaying = True

@@ -21,6 +21,8 @@ from typing import Any, Sequence
 
 import torch
 
+from tokcomp.run import extend_inputs
+
 __all__ = ["invariant_specs", "default_prompts", "hook_count", "model_state", "check_keep_one_is_identity",
            "check_restores_model", "check_restores_after_exception", "check_cached_decoding_matches_recompute",
            "check_rows_match_alone", "check_text_only_untouched", "check_static_cache_refused", "noop_spec"]
@@ -177,14 +179,7 @@ def check_cached_decoding_matches_recompute(vlm, spec: str, prompts=None, new_to
         out = _generate(model, inputs, new_tokens, output_logits=True, return_dict_in_generate=True)
         seq = out.sequences
         steps = torch.stack(out.logits, 1)                                   # [B, n, V]
-        full = dict(inputs)
-        b = seq.shape[0]
-        full["input_ids"] = seq
-        full["attention_mask"] = torch.cat([inputs["attention_mask"],
-                                            inputs["attention_mask"].new_ones(b, new_tokens)], 1)
-        if "mm_token_type_ids" in inputs:
-            full["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"],
-                                                   inputs["mm_token_type_ids"].new_zeros(b, new_tokens)], 1)
+        full = extend_inputs(inputs, seq[:, inputs["input_ids"].shape[1]:])
         recompute = _logits(model, full, use_cache=False)[:, -new_tokens - 1:-1]
         seen = []
         h = _llm_layers(model)[0].register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[1]))

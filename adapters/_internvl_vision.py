@@ -20,6 +20,7 @@ from tokcomp.errors import AdapterError
 from tokcomp.session import ForwardRecord
 from tokcomp.tokens import BlockVariant, VisionLayout, VisionTokens
 
+from . import _hf as hf
 from ._vision import BlockOps, VisionRun, run_block_variant, tower_order
 
 
@@ -130,13 +131,9 @@ def block_ops(layer, impl: str) -> BlockOps:
     ``+ lambda_2 * mlp(layernorm_after(.))``; q/k get the optional q_norm/k_norm over the full width before the
     head split; attention runs through the model's own backend (``impl``), per tile, or packed varlen for flash.
     """
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-    from transformers.models.internvl.modeling_internvl import eager_attention_forward
-    from transformers.utils.generic import is_flash_attention_requested
     att = layer.attention
     H, d = att.num_heads, att.head_dim
-    fn = eager_attention_forward if impl == "eager" else ALL_ATTENTION_FUNCTIONS.get_interface(
-        impl, eager_attention_forward)
+    fn = hf.attention_kernel(att, impl)
 
     def qkv(h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return (att.q_norm(att.q_proj(h)).view(-1, H, d), att.k_norm(att.k_proj(h)).view(-1, H, d),
@@ -159,7 +156,7 @@ def block_ops(layer, impl: str) -> BlockOps:
         return fn(att, q, k, v, None, dropout=0.0, scaling=att.scale, is_causal=False, cu_seq_lens_q=cu_q,
                   cu_seq_lens_k=cu_k, max_length_q=max_q, max_length_k=max_k)[0]
 
-    flash = is_flash_attention_requested(requested_attention_implementation=impl)
+    flash = hf.is_flash(impl)
     return BlockOps(norm1=layer.layernorm_before, qkv=qkv, attn_out=attn_out, norm2=layer.layernorm_after,
                     mlp=mlp, attend=attend, kv=kv, rotary=None, attend_varlen=attend_varlen if flash else None)
 
@@ -204,7 +201,7 @@ class VisionEngine:
         surgery.post_hook(self.projector, self._projector_post)
 
     def _impl(self) -> str:
-        return self.tower.config._attn_implementation or "eager"
+        return hf.attn_impl(self.tower.config) or "eager"
 
     # -- hooks ------------------------------------------------------------------------------------------
     def _tower_pre(self, mod, args, kw):

@@ -1,7 +1,7 @@
 """The shared LLM-side engine: drives an :class:`~tokcomp.strategy.LLMPruner` inside a decoder stack with hooks.
 
 Model-agnostic: it works on any transformers 5.x decoder stack whose layers are called as
-``layer(h[B, L, D], attention_mask=..., position_embeddings=(cos, sin), position_ids=..., past_key_values=...,
+``layer(h[B, L, D], attention_mask=..., position_embeddings=(cos, sin), position_ids=..., <cache>=...,
 use_cache=...)`` and return a Tensor (``Qwen2VLTextModel``, ``Qwen2_5_VLTextModel``, InternVL's ``Qwen2Model``).
 The Qwen2-VL and InternVL adapters build one :class:`LLMEngine` per session and call :meth:`LLMEngine.begin`
 from their top-level forward pre-hook.
@@ -38,6 +38,8 @@ from tokcomp.adapter import Surgery
 from tokcomp.errors import AdapterError
 from tokcomp.strategy import LLMPruner
 from tokcomp.tokens import LLMStep, Selection, VisualSpan
+
+from . import _hf as hf
 
 __all__ = ["LLMEngine", "spans_from_ids", "repad_left", "attention_rows", "query_positions", "grid_cells"]
 
@@ -215,26 +217,15 @@ def _eager_attention(module, query: Tensor, key: Tensor, value: Tensor, attentio
     return out, w
 
 
-class _ConfigView:
-    """A config that reports ``_attn_implementation = impl`` and delegates everything else."""
-
-    def __init__(self, config, impl: str):
-        object.__setattr__(self, "_config", config)
-        object.__setattr__(self, "_attn_implementation", impl)
-
-    def __getattr__(self, name):
-        return getattr(self._config, name)
-
-
 class _ModuleView:
     """An attention module as seen by the wrapped kernel: the same module, but its config names the real kernel.
 
-    transformers' flash path loads its kernel from ``module.config._attn_implementation``; under the wrapper that
+    transformers' flash path loads its kernel from the module config's implementation name; under the wrapper that
     name is the wrapper's own, so the kernel gets this view (everything else is the real module)."""
 
     def __init__(self, module, impl: str):
         object.__setattr__(self, "_module", module)
-        object.__setattr__(self, "config", _ConfigView(module.config, impl))
+        object.__setattr__(self, "config", hf.ConfigView(module.config, impl))
 
     def __getattr__(self, name):
         return getattr(self._module, name)
@@ -393,15 +384,9 @@ class LLMEngine:
         self._decodes = weakref.WeakKeyDictionary()
 
     def _install_attention(self) -> None:
-        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
-
-        base = self.lm.config._attn_implementation or "sdpa"
-        if base == "eager":
-            kernel = _eager_attention
-        elif base in ALL_ATTENTION_FUNCTIONS:
-            kernel = ALL_ATTENTION_FUNCTIONS[base]
-        else:
+        base = hf.attn_impl(self.lm.config) or "sdpa"
+        kernel = _eager_attention if base == "eager" else hf.registered_kernel(base)
+        if kernel is None:
             raise AdapterError(f"the text tower's attention implementation {base!r} is not registered in "
                                "transformers' AttentionInterface; use 'sdpa', 'eager' or 'flash_attention_2'")
         name = f"tokcomp_{_letters(id(self))}_{base}"  # keeps 'flash' (and 'sdpa') in the name: same code paths
@@ -414,16 +399,12 @@ class LLMEngine:
             return out
 
         wrapper.__name__ = name
-        AttentionInterface.register(name, wrapper)
-        self.surgery.on_undo(lambda: AttentionInterface._global_mapping.pop(name, None))
-        if base in ALL_MASK_ATTENTION_FUNCTIONS:
-            AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
-            self.surgery.on_undo(lambda: AttentionMaskInterface._global_mapping.pop(name, None))
-        self.model.set_attn_implementation({"text_config": name})
-        self.surgery.on_undo(lambda: self.model.set_attn_implementation({"text_config": base}))
-        if self.lm.config._attn_implementation != name:
+        self.surgery.on_undo(hf.register_attention(name, wrapper, mask_like=base))
+        hf.set_text_attention(self.model, name)
+        self.surgery.on_undo(lambda: hf.set_text_attention(self.model, base))
+        if hf.attn_impl(self.lm.config) != name:
             raise AdapterError(f"could not switch the text tower to the attention wrapper {name!r} "
-                               f"(it reports {self.lm.config._attn_implementation!r})")
+                               f"(it reports {hf.attn_impl(self.lm.config)!r})")
         self.attn_name = name
 
     # -- per forward --------------------------------------------------------------------------------------
@@ -441,7 +422,7 @@ class LLMEngine:
         self._fw, self._dec, self._masks = None, None, {}
         if not self.prune_at and self.on_prefill is None:
             return None
-        cache = kwargs.get("past_key_values")
+        cache = hf.get_cache(kwargs)
         self._refuse_static(cache)
         emb = kwargs.get("inputs_embeds")
         if emb is None:
@@ -449,7 +430,7 @@ class LLMEngine:
             q_len = None if ids is None else ids.shape[1]
         else:
             q_len = emb.shape[1]
-        past = cache.get_seq_length() if cache is not None else 0
+        past = hf.cache_length(cache)
         if past > 0:
             self._start_decode(cache, past, q_len, pending, kwargs)
             return None
@@ -495,7 +476,7 @@ class LLMEngine:
         for i in range(self.n_layers):
             st = fw.layer_stage.get(i, fw.stage if not fw.pruning else None)
             counts[i] = (st.visual.sum(1) if st is not None else fw.n_vis0).tolist()
-        cache = getattr(output, "past_key_values", None)
+        cache = hf.output_cache(output)
         if cache is not None:
             if fw.stages:
                 stage_of = {i: st.uid for i, st in fw.layer_stage.items() if st.after_layer >= 0}
@@ -515,7 +496,7 @@ class LLMEngine:
         self._refuse_static(cache)
 
     def _refuse_static(self, cache) -> None:
-        if self.prune_at and cache is not None and getattr(cache, "is_compileable", False):
+        if self.prune_at and hf.is_static_cache(cache):
             raise AdapterError(f"LLM pruning cannot run with a {type(cache).__name__} (static cache): pruning "
                                "makes decoder layers hold different numbers of tokens. Fix: use DynamicCache, the "
                                "default (do not pass cache_implementation='static' / a StaticCache).")
@@ -536,7 +517,7 @@ class LLMEngine:
 
     def _layer_pre(self, i: int, args, kwargs):
         if i == 0:
-            self._refuse_static(kwargs.get("past_key_values"))
+            self._refuse_static(hf.get_cache(kwargs))
         fw = self._fw
         if fw is not None:
             return self._prefill_pre(fw, i, args, kwargs)
@@ -563,7 +544,7 @@ class LLMEngine:
             st.rope = tuple(_gather_rows(t, st.index) for t in (cos, sin))
         kwargs["position_embeddings"] = st.rope
         kwargs["position_ids"] = None
-        kwargs["attention_mask"] = self._mask(i, h, st.valid, kwargs.get("past_key_values"), st.uid)
+        kwargs["attention_mask"] = self._mask(i, h, st.valid, hf.get_cache(kwargs), st.uid)
         return args, kwargs
 
     def _start_decode(self, cache, past: int, q_len: int | None, pending: _Pending | None, kwargs) -> None:
@@ -594,11 +575,11 @@ class LLMEngine:
             return None
         valid = d.dec.valid[k]
         h = args[0] if args else kwargs["hidden_states"]
-        cache = kwargs.get("past_key_values")
+        cache = hf.get_cache(kwargs)
         if cache is None:
             return None
-        if i in d.dec.first and cache.get_seq_length(i) != valid.shape[1] + d.extra:
-            raise AdapterError(f"cache layer {i} holds {cache.get_seq_length(i)} tokens, expected "
+        if i in d.dec.first and hf.cache_length(cache, i) != valid.shape[1] + d.extra:
+            raise AdapterError(f"cache layer {i} holds {hf.cache_length(cache, i)} tokens, expected "
                                f"{valid.shape[1] + d.extra} (pruned prompt {valid.shape[1]} + {d.extra} later); the "
                                "cache was changed outside this session. Fix: prefill again")
         if d.tail is None:
@@ -612,16 +593,12 @@ class LLMEngine:
         """The attention mask layer ``i`` needs for hidden states ``h`` [B, q, D] whose keys (cache + this forward)
         have the 2-D padding mask ``valid`` [B, kv]; built with transformers' own mask functions, once per
         (tag, mask type, q, kv)."""
-        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-
         types = getattr(self.lm.config, "layer_types", None)
         kind = types[i] if types is not None and i < len(types) else "full_attention"
         key = (tag, kind, h.shape[1], valid.shape[1])
         if key not in self._masks:
-            fn = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
             am = None if bool(valid.all()) else valid.to(h.device)
-            self._masks[key] = fn(config=self.lm.config, inputs_embeds=h, attention_mask=am,
-                                  past_key_values=cache, layer_idx=i)
+            self._masks[key] = hf.causal_mask(self.lm.config, h, am, cache, i, sliding=kind == "sliding_attention")
         return self._masks[key]
 
     def _layer_post(self, i: int, args, kwargs, output):

@@ -15,6 +15,8 @@ from torch import Tensor
 
 from tokcomp.tokens import VisionLayout, VisionTokens
 
+from ._hf import vision_window_index
+
 
 @dataclass
 class QwenVisionMeta:
@@ -90,8 +92,7 @@ def qwen_vision_meta(grid_thw: Tensor, merge: int, window: tuple[int, int] | Non
     n_units = int(r["unit_segment"].numel())
     unit_window = None
     if window is not None:
-        from transformers.vision_utils import get_vision_window_index
-        window_index, cu_window = get_vision_window_index(thw, merge, window[0], window[1])
+        window_index, cu_window = vision_window_index(thw, merge, window[0], window[1])
         window_index = window_index.long()
         cu_units = (cu_window.long() // u)[1:]
         win_of_block = torch.searchsorted(cu_units, torch.arange(n_units), right=True)

@@ -32,6 +32,8 @@ from torch import Tensor
 from tokcomp.errors import AdapterError
 from tokcomp.tokens import BlockVariant, VisionContext, VisionLayout, VisionTokens
 
+from ._hf import attn_impl, is_flash
+
 #: ``attend(q [1, H, n, d], k [1, H, m, d], v [1, H, m, d], mask [1, 1, 1, m] float | None) -> [1, n, H, d]``:
 #: one dense, non-causal attention call (e.g. a closure over transformers' ``ALL_ATTENTION_FUNCTIONS`` entry).
 AttendFn = Callable[[Tensor, Tensor, Tensor, "Tensor | None"], Tensor]
@@ -43,12 +45,6 @@ VarlenFn = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, int, int], Tensor]
 # ------------------------------------------------------------------------------------------------------
 # what a vision-driving adapter can serve
 # ------------------------------------------------------------------------------------------------------
-def is_flash(config) -> bool:
-    """True when ``config`` asks for a flash-attention implementation."""
-    from transformers.utils.generic import is_flash_attention_requested
-    return bool(is_flash_attention_requested(config))
-
-
 def check_vision_strategy(adapter: str, vision, tower_config, tower_name: str = "the vision tower") -> None:
     """Refuse, before any forward, a vision compressor this adapter family cannot serve: a granularity other than
     patch/unit, attention rows or keys from the tower (block variants get head-averaged keys through
@@ -62,7 +58,7 @@ def check_vision_strategy(adapter: str, vision, tower_config, tower_name: str = 
                            "head-averaged keys through BlockVariant.mid)")
     if not vision.flash_compatible and is_flash(tower_config):
         raise AdapterError(f"vision strategy {vision.name!r} is not flash-attention compatible (it needs an "
-                           f"attention bias) but {tower_name} runs {tower_config._attn_implementation!r}. Fix: "
+                           f"attention bias) but {tower_name} runs {attn_impl(tower_config)!r}. Fix: "
                            "model.set_attn_implementation({'vision_config': 'sdpa'})")
 
 

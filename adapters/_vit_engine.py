@@ -16,7 +16,6 @@ Hooks (all through the adapter's ``Surgery``; state lives on the engine, never o
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
@@ -27,6 +26,7 @@ from tokcomp.errors import AdapterError
 from tokcomp.session import ForwardRecord
 from tokcomp.tokens import BlockVariant, VisionLayout, VisionTokens
 
+from . import _hf as hf
 from ._vision import BlockOps, VisionRun, run_block_variant
 from ._vit_restore import (RULES, gradient_destinations, grid_layout, grid_tokens, initial_sources, restore_full_grid,
                            update_sources)
@@ -43,8 +43,6 @@ def block_ops(layer, kind: str, impl: str) -> BlockOps:
     self_attn.{q,k,v,out}_proj). Same arithmetic as the layer's own forward; attention runs through the model's
     backend (``impl``) once per image, or as one packed varlen call for flash-attention.
     """
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-    from transformers.utils.generic import is_flash_attention_requested
     if kind == "dinov2":
         att, norm1, norm2 = layer.attention, layer.norm1, layer.norm2
         out_proj, scaling, H = att.o_proj, att.scaling, att.num_attention_heads
@@ -75,8 +73,7 @@ def block_ops(layer, kind: str, impl: str) -> BlockOps:
     else:  # pragma: no cover - guarded by the adapter
         raise AdapterError(f"unknown plain-ViT layer kind {kind!r}")
     d = att.head_dim
-    eager = getattr(sys.modules[type(att).__module__], "eager_attention_forward")
-    fn = eager if impl == "eager" else ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager)
+    fn = hf.attention_kernel(att, impl)
 
     def qkv(h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return att.q_proj(h).view(-1, H, d), att.k_proj(h).view(-1, H, d), att.v_proj(h).view(-1, H, d)
@@ -94,7 +91,7 @@ def block_ops(layer, kind: str, impl: str) -> BlockOps:
         return fn(att, q, k, v, None, dropout=0.0, scaling=scaling, is_causal=False, cu_seq_lens_q=cu_q,
                   cu_seq_lens_k=cu_k, max_length_q=max_q, max_length_k=max_k)[0]
 
-    flash = is_flash_attention_requested(requested_attention_implementation=impl)
+    flash = hf.is_flash(impl)
     return BlockOps(norm1=norm1, qkv=qkv, attn_out=attn_out, norm2=norm2, mlp=mlp, attend=attend, kv=kv,
                     rotary=None, attend_varlen=attend_varlen if flash else None)
 
@@ -164,7 +161,7 @@ class ViTEngine:
             surgery.post_hook(layer, lambda m, a, k, out, i=i: self._layer_post(i, out))
 
     def _impl(self) -> str:
-        return self.parts.config._attn_implementation or "eager"
+        return hf.attn_impl(self.parts.config) or "eager"
 
     # -- hooks ------------------------------------------------------------------------------------------
     def _tower_pre(self, mod, args, kw):

@@ -33,6 +33,7 @@ from tokcomp.errors import AdapterError
 from tokcomp.hookspecs import hookimpl
 from tokcomp.session import ForwardRecord
 
+from . import _hf as hf
 from ._internvl_vision import VisionEngine
 from ._vision import check_vision_strategy
 from ._llm import LLMEngine
@@ -167,13 +168,13 @@ class InternVLAdapter(Adapter):
                                         kw.get("vision_feature_select_strategy") not in (None, "default")):
             raise AdapterError("inside a tokcomp session InternVL reads the last vision layer "
                                "(vision_feature_layer=-1, vision_feature_select_strategy='default')")
-        cache = kw.get("past_key_values")
-        if cache is not None and getattr(cache, "is_compileable", False) and self._changes_llm_length():
+        cache = hf.get_cache(kw)
+        if hf.is_static_cache(cache) and self._changes_llm_length():
             raise AdapterError(f"{type(cache).__name__} (a static, pre-allocated cache) is not supported inside a "
                                "tokcomp session that changes the LLM sequence: compressed prompts and layers hold "
                                "fewer keys. Fix: use the default DynamicCache (do not pass "
                                "cache_implementation='static').")
-        past = cache.get_seq_length() if cache is not None else 0
+        past = hf.cache_length(cache)
         if past > 0:
             kw = self._decode_inputs(kw, cache, past)
             self._begin_engine(kw, None)
@@ -189,7 +190,6 @@ class InternVLAdapter(Adapter):
         return None
 
     def _prefill_inputs(self, kw: dict) -> tuple[dict, list | None]:
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
         self._repack = None
         mm = dict(kw.get("mm_encoder_outputs") or {})
         if self.vision is not None and kw.get("pixel_values") is not None:
@@ -213,7 +213,7 @@ class InternVLAdapter(Adapter):
             keep, rp = self._repack_prompt(kw, kept)
             feats = enc.pooler_output
             flat = feats.reshape(-1, feats.shape[-1])
-            mm["image"] = BaseModelOutputWithPooling(pooler_output=flat[kept.to(flat.device)][None])
+            mm["image"] = hf.pooled_output(flat[kept.to(flat.device)][None])
             kw["mm_encoder_outputs"] = mm
         spans = visual_spans(orig_ids, grids, keep, rp) if grids else None
         self._record(kw, result, spans)
@@ -277,11 +277,10 @@ class InternVLAdapter(Adapter):
         kw["position_ids"] = rp.gather(pos, 0)
         if kw.get("labels") is not None:
             kw["labels"] = rp.gather(kw["labels"], -100)
-        cache = kw.get("past_key_values")
-        use_cache = kw.get("use_cache")
-        if cache is None and (use_cache or (use_cache is None and getattr(self.lm.config, "use_cache", True))):
-            from transformers import DynamicCache
-            cache = kw["past_key_values"] = DynamicCache(config=self.lm.config)
+        cache = hf.get_cache(kw)
+        if cache is None and hf.wants_cache(kw, self.lm.config):
+            cache = hf.new_cache(self.lm.config)
+            hf.set_cache(kw, cache)
         self._repack = _Repack(cache=weakref.ref(cache) if cache is not None else None, len_orig=ids.shape[1],
                                len_new=rp.index.shape[1], mask_new=mask,
                                next_pos=pos.masked_fill(full_mask == 0, -1).amax(1) + 1)

@@ -16,7 +16,6 @@ See ``docs/adapters/qwen2_vl.md``.
 """
 from __future__ import annotations
 
-import sys
 import weakref
 from collections import deque
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from tokcomp.errors import AdapterError
 from tokcomp.hookspecs import hookimpl
 from tokcomp.session import ForwardRecord
 
+from . import _hf as hf
 from ._qwen_layout import QwenVisionMeta, block_segments, initial_tokens, qwen_vision_meta
 from ._llm import LLMEngine
 from ._repack import Repacked, left_repack, token_keep_mask
@@ -319,11 +319,10 @@ class Qwen2VLAdapter(Adapter):
 
     def _block_ops(self, blk) -> BlockOps:
         """The parts of a Qwen2-VL / Qwen2.5-VL vision block (attention through the model's own backend)."""
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
         attn = blk.attn
         heads = attn.num_heads
-        module = sys.modules[type(attn).__module__]
-        fn = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, module.eager_attention_forward)
+        fn = hf.attention_kernel(attn)
+        rotate = hf.module_function(attn, "apply_rotary_pos_emb_vision")
         weight, bias = attn.qkv.weight, attn.qkv.bias
         dim = weight.shape[0] // 3
 
@@ -335,7 +334,7 @@ class Qwen2VLAdapter(Adapter):
             return y.reshape(x.shape[0], 2, heads, -1).unbind(1)
 
         def rotary(q, k, rope):
-            return module.apply_rotary_pos_emb_vision(q, k, rope[0], rope[1])
+            return rotate(q, k, rope[0], rope[1])
 
         def attend(q, k, v, mask):
             return fn(attn, q, k, v, attention_mask=mask, scaling=attn.scaling, dropout=0.0, is_causal=False)[0]
@@ -363,12 +362,12 @@ class Qwen2VLAdapter(Adapter):
             if args:
                 raise AdapterError("the qwen2_vl adapter needs keyword arguments after input_ids "
                                    "(call model(input_ids=..., attention_mask=..., ...))")
-        cache = kw.get("past_key_values")
-        if cache is not None and getattr(cache, "is_compileable", False) and self._changes_llm_length():
+        cache = hf.get_cache(kw)
+        if hf.is_static_cache(cache) and self._changes_llm_length():
             raise AdapterError(f"{type(cache).__name__} (a static, pre-allocated cache) is not supported inside a "
                                "tokcomp session that changes the LLM sequence: compressed layers hold fewer keys. "
                                "Fix: use the default DynamicCache (do not pass cache_implementation='static').")
-        past = cache.get_seq_length() if cache is not None else 0
+        past = hf.cache_length(cache)
         prefill = None
         if past > 0:
             if self._unit_vision() and _has_visual_inputs(kw):
@@ -472,7 +471,6 @@ class Qwen2VLAdapter(Adapter):
         return pos3
 
     def _repack_prompt(self, kw: dict, mm: dict, results: dict, dropped: dict, info: _Prefill) -> dict:
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
         cfg = self.model.config
         ids, am = kw["input_ids"], kw.get("attention_mask")
         pos3 = self._full_positions(kw, results)
@@ -494,18 +492,16 @@ class Qwen2VLAdapter(Adapter):
             kw["labels"] = rp.gather(kw["labels"], -100)
         new_mm = dict(mm)
         for m in dropped:
-            new_mm[m] = BaseModelOutputWithPooling(pooler_output=tuple(
-                f[k.to(f.device)] for f, k in zip(mm[m].pooler_output, flags[m])))
+            new_mm[m] = hf.pooled_output(tuple(f[k.to(f.device)] for f, k in zip(mm[m].pooler_output, flags[m])))
         kw["mm_encoder_outputs"] = new_mm
         lengths = rp.lengths.to(new_pos3.device)
         top = new_pos3.masked_fill(~rp.valid.to(new_pos3.device), -1).amax(dim=(0, 2))
         deltas = (top + 1 - lengths).view(-1, 1)
         self.model.model.rope_deltas = deltas
-        cache = kw.get("past_key_values")
-        use_cache = kw.get("use_cache")
-        if cache is None and (use_cache or (use_cache is None and getattr(self.lm.config, "use_cache", True))):
-            from transformers import DynamicCache
-            cache = kw["past_key_values"] = DynamicCache(config=self.lm.config)
+        cache = hf.get_cache(kw)
+        if cache is None and hf.wants_cache(kw, self.lm.config):
+            cache = hf.new_cache(self.lm.config)
+            hf.set_cache(kw, cache)
         valid_orig = am.sum(1) if am is not None else torch.full_like(rp.lengths, ids.shape[1])
         self._repack = _RepackState(cache=weakref.ref(cache) if cache is not None else None, len_orig=ids.shape[1],
                                     len_new=new_ids.shape[1], mask_new=mask, needs_mask=rp.needs_mask,

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from tokcomp.adapters._hf import output_cache
 from tokcomp.metrics.cost import record_cost
 from tokcomp.metrics.flops import kv_bytes
 from tokcomp.metrics.timers import median_time
@@ -99,7 +100,7 @@ def _measure_state(model, inputs, new_tokens, repeats):
     lat = median_time(lambda: generate_greedy(model, inputs, new_tokens), repeats)
     ttft = median_time(lambda: generate_greedy(model, inputs, 1), repeats)
     with torch.inference_mode():
-        kv = kv_bytes(model(**inputs, use_cache=True).past_key_values)
+        kv = kv_bytes(output_cache(model(**inputs, use_cache=True)))
     return lat, ttft, kv, generate_greedy(model, inputs, new_tokens)[:, L:]
 
 

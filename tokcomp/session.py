@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from tokcomp.adapters._hf import check_version
 from tokcomp.errors import ConfigError, SessionError
 from tokcomp.spec import Pair, parse_spec
 
@@ -144,6 +145,7 @@ class Session:
         self.registry = registry or default_registry()
         self._check_model(model)
         adapter_cls = self.registry.resolve_adapter(model)
+        check_version()                             # warns once outside the tested transformers range
         self.adapter = adapter_cls(model)
         self.adapter.check(pair.vision, pair.llm)   # needs first: "no language model" beats "layer out of range"
         depths = self.adapter.depths()
@@ -200,6 +202,7 @@ class Session:
 
     def _attach_measurement(self) -> None:
         """Stage timers on the adapter's modules and a KV-bytes probe after each prefill (all undone on exit)."""
+        from tokcomp.adapters._hf import output_cache
         from tokcomp.metrics.flops import kv_bytes
         from tokcomp.metrics.timers import StageTimer
         mods = self.adapter.stage_modules()
@@ -214,7 +217,7 @@ class Session:
 
         def probe(module, args, kwargs, out):
             rec = self.report.prefill[-1] if self.report.prefill else None
-            cache = getattr(out, "past_key_values", None)
+            cache = output_cache(out)
             if rec is not None and rec.kv_bytes is None and cache is not None:
                 rec.kv_bytes = kv_bytes(cache)
         self.adapter.surgery.post_hook(self.model, probe)

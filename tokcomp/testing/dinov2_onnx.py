@@ -50,9 +50,11 @@ def onnx_path() -> Path:
 def dinov2_config(attn: str = "sdpa"):
     """The ``Dinov2Config`` of the exported backbone (ViT-S/14, layer scale, trained at 518 px)."""
     from transformers import Dinov2Config
+
+    from tokcomp.adapters._hf import set_config_attn
     cfg = Dinov2Config(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536,
                        mlp_ratio=4, patch_size=14, image_size=518, layerscale_value=1.0, layer_norm_eps=1e-6)
-    cfg._attn_implementation = attn
+    set_config_attn(cfg, attn)
     return cfg
 
 

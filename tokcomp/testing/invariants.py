@@ -21,6 +21,7 @@ from typing import Any, Sequence
 
 import torch
 
+from tokcomp.adapters._hf import cache_lengths, output_cache
 from tokcomp.run import extend_inputs
 
 __all__ = ["invariant_specs", "default_prompts", "hook_count", "model_state", "check_keep_one_is_identity",
@@ -73,17 +74,16 @@ def hook_count(model: torch.nn.Module) -> int:
 
 def model_state(model: torch.nn.Module) -> dict[str, Any]:
     """What a session must restore: hooks, attention implementations, attention registries, instance attributes."""
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from tokcomp.adapters._hf import attn_impl, registry_names
     cfg = model.config
-    impls = {"model": cfg._attn_implementation}
+    impls = {"model": attn_impl(cfg)}
     for sub in ("text_config", "vision_config"):
         c = getattr(cfg, sub, None)
         if c is not None:
-            impls[sub] = c._attn_implementation
+            impls[sub] = attn_impl(c)
+    names = registry_names()
     return {"hooks": hook_count(model), "attn": impls,
-            "attn_registry": sorted(ALL_ATTENTION_FUNCTIONS._global_mapping),
-            "mask_registry": sorted(ALL_MASK_ATTENTION_FUNCTIONS._global_mapping),
+            "attn_registry": names["attention"], "mask_registry": names["mask"],
             "attrs": {n: sorted(m.__dict__.keys()) for n, m in model.named_modules()}}
 
 
@@ -185,10 +185,10 @@ def check_cached_decoding_matches_recompute(vlm, spec: str, prompts=None, new_to
         h = _llm_layers(model)[0].register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[1]))
         try:
             with torch.no_grad():
-                cache = model(**inputs, use_cache=True).past_key_values
+                cache = output_cache(model(**inputs, use_cache=True))
         finally:
             h.remove()
-        lengths = [cache.get_seq_length(i) for i in range(len(cache.layers))]
+        lengths = cache_lengths(cache)
     assert torch.allclose(recompute, steps, atol=LOGIT_ATOL, rtol=0), \
         f"max |diff| {(recompute - steps).abs().max():.3g}"
     assert torch.equal(recompute.argmax(-1), steps.argmax(-1))   # raw logits (generate may suppress ids)

@@ -41,6 +41,8 @@ from transformers import (
     Qwen2VLProcessor,
 )
 
+from tokcomp.adapters._hf import from_config
+
 from .tokenizers import build_internvl_tokenizer, build_qwen_vl_tokenizer
 
 __all__ = [
@@ -484,7 +486,7 @@ def build_model(
     with torch.random.fork_rng(**fork):
         torch.manual_seed(seed)
         with dev:
-            model = cls._from_config(cfg, attn_implementation=attn, dtype=dtype)
+            model = from_config(cls, cfg, attn=attn, dtype=dtype)
     model.eval()
 
     gen = model.generation_config

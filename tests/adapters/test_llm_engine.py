@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tokcomp.adapter import Surgery
+from tokcomp.adapters import _hf as hf
 from tokcomp.adapters._llm import LLMEngine, query_positions, repad_left, spans_from_ids
 from tokcomp.errors import AdapterError
 from tokcomp.plugins.baselines import RandomLLM
@@ -149,7 +150,7 @@ def engine(v, pruner, grids=False, check=True):
 
     def top(mod, args, kw):
         if check:
-            eng.check_cache(kw.get("past_key_values"))
+            eng.check_cache(hf.get_cache(kw))
         ids, am = kw.get("input_ids"), kw.get("attention_mask")
         vis = ids == img
         g = None
@@ -193,10 +194,6 @@ def recompute_check(m, inputs, out):
     assert torch.equal(logits.argmax(-1), dec.argmax(-1))  # raw logits (generate also suppresses placeholders)
 
 
-def kv_lengths(cache):
-    return [cache.get_seq_length(i) for i in range(len(cache.layers))]
-
-
 def hook_snapshot(model):
     """{module name: (forward hook ids, forward pre-hook ids)} of every module that has any. transformers installs
     its own output-capturing hooks lazily on a first forward, so tests snapshot after a warm-up forward."""
@@ -205,14 +202,12 @@ def hook_snapshot(model):
 
 
 def registries():
-    from transformers.masking_utils import AttentionMaskInterface
-    from transformers.modeling_utils import AttentionInterface
-    return dict(AttentionInterface._global_mapping), dict(AttentionMaskInterface._global_mapping)
+    return hf.registry_names()
 
 
 def impls(m):
     c = m.config
-    return c._attn_implementation, c.text_config._attn_implementation, c.vision_config._attn_implementation
+    return hf.attn_impl(c), hf.attn_impl(c.text_config), hf.attn_impl(c.vision_config)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -284,7 +279,7 @@ def test_keep_half_kv_lengths_and_cached_decode(vlm, name, attn):
     Lc = int((n_txt + kept).max())
     with engine(v, RandomLLM(keep_ratio=0.5, layer=1)) as eng:
         out = generate(m, inputs, n=4)
-        assert kv_lengths(out.past_key_values) == [L + 3, L + 3, Lc + 3, Lc + 3]
+        assert hf.cache_lengths(hf.output_cache(out)) == [L + 3, L + 3, Lc + 3, Lc + 3]
         assert eng.counts[0] == {0: n_vis.tolist(), 1: n_vis.tolist(), 2: kept.tolist(), 3: kept.tolist()}
         recompute_check(m, inputs, out)
 
@@ -299,7 +294,7 @@ def test_batch_rows_equal_single_runs(vlm, name, attn):
     with engine(v, pruner, grids=True):
         logits = forward(m, inputs).logits
         out = generate(m, inputs, n=4)
-        kv = kv_lengths(out.past_key_values)
+        kv = hf.cache_lengths(hf.output_cache(out))
         assert kv[0] == inputs["input_ids"].shape[1] + 3 and kv[1] == kv[2] > kv[3]  # layer 0 keeps full length
         recompute_check(m, inputs, out)
         for b in range(2):
@@ -348,9 +343,9 @@ def test_multi_token_continuation_on_pruned_cache(vlm, attn):
         am = torch.cat([inputs["attention_mask"], torch.ones(B, seq.shape[1] - L, dtype=torch.long)], 1)
         pos = (am.cumsum(-1) - 1).masked_fill(am == 0, 1)  # what generate() used
         cont = forward(m, dict(input_ids=seq[:, L + 3:], attention_mask=am, position_ids=pos[:, L + 3:],
-                               past_key_values=out.past_key_values)).logits
+                               **hf.cache_kwargs(hf.output_cache(out)))).logits
         full = forward(m, dict(inputs, input_ids=seq, attention_mask=am, position_ids=pos), use_cache=False).logits
-    assert kv_lengths(out.past_key_values)[0] == seq.shape[1]
+    assert hf.cache_lengths(hf.output_cache(out))[0] == seq.shape[1]
     assert (full[:, -4:] - cont).abs().max().item() <= TOL
 
 
@@ -386,7 +381,7 @@ def reference_logits(v, inputs, plan):
             n = h.shape[1]
             mask = torch.full((n, n), torch.finfo(h.dtype).min).triu(1)[None, None]
             h = layer(h, attention_mask=mask, position_embeddings=(cos, sin), position_ids=None,
-                      past_key_values=None, use_cache=False)
+                      use_cache=False)
             if i in plan:
                 kept_vis, recycle = plan[i]
                 keep = ~visual[orig] | torch.isin(orig, kept_vis)
@@ -431,13 +426,13 @@ def test_attention_rows_and_keys_match_eager(vlm, name):
         pruner = AttnProbe(kinds, ratios)
         with engine(v, pruner):
             out = forward(v.model, inputs, output_attentions=(v is eager), use_cache=True)
-        logs[v.model.config.text_config._attn_implementation] = pruner.log
+        logs[hf.attn_impl(v.model.config.text_config)] = pruner.log
         step1, step2 = pruner.log[0][0], pruner.log[1][0]
         assert step1.attn.dtype == torch.float32 and step1.attn.shape[:3] == (2, 4, step1.queries.shape[1])
         # stage 0: against the untouched eager model's probabilities
         want = ref[1].gather(2, step1.queries[:, None, :, None].expand(-1, 4, -1, ref[1].shape[-1]))
         assert (step1.attn - want).abs().max().item() <= 1e-5
-        assert torch.equal(step2.keys, out.past_key_values.layers[2].keys)
+        assert torch.equal(step2.keys, hf.output_cache(out).layers[2].keys)
         if v is eager:  # after pruning at layer 1: against eager's own probabilities on the compressed sequence
             a2 = out.attentions[2]
             want = a2.gather(2, step2.queries[:, None, :, None].expand(-1, 4, -1, a2.shape[-1]))
@@ -463,7 +458,6 @@ def test_text_only_prompt_untouched(vlm, name):
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_static_cache_refused_before_any_layer(vlm, name):
-    from transformers import StaticCache
     v = vlm(name, "sdpa")
     m, inputs = v.model, make_batch(v)
     calls = []
@@ -471,9 +465,9 @@ def test_static_cache_refused_before_any_layer(vlm, name):
     try:
         for check in (False, True):  # the engine's own check (decoder-stack pre-hook), the adapter's early one
             with engine(v, RandomLLM(keep_ratio=0.5), check=check):
-                cache = StaticCache(config=m.config.get_text_config(), max_cache_len=64)
+                cache = hf.new_static_cache(m.config.get_text_config(), max_cache_len=64)
                 with pytest.raises(AdapterError, match="StaticCache.*DynamicCache"):
-                    forward(m, inputs, past_key_values=cache)
+                    forward(m, inputs, **hf.cache_kwargs(cache))
                 if check:
                     with pytest.raises(AdapterError, match="DynamicCache"):
                         generate(m, inputs, cache_implementation="static")
@@ -492,7 +486,7 @@ def test_undo_restores_everything(name, attn):
     assert torch.equal(forward(m, inputs).logits, ref)  # warm-up: transformers' lazy capture hooks
     before = impls(m), registries(), hook_snapshot(m)
     with engine(v, AttnProbe(ratios={1: 0.5, 2: 0.5})) as eng:
-        assert eng.attn_name and m.config.text_config._attn_implementation == eng.attn_name
+        assert eng.attn_name and hf.attn_impl(m.config.text_config) == eng.attn_name
         assert impls(m)[2] == before[0][2]  # the vision tower keeps its kernel
         assert hook_snapshot(m) != before[2]
         pruned = forward(m, inputs).logits
@@ -515,7 +509,7 @@ FAKE = "flash_attention_cpu_stand_in"
 
 
 def fake_flash(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kw):
-    assert module.config._attn_implementation == FAKE  # the wrapper shows the kernel its own name
+    assert hf.attn_impl(module.config) == FAKE  # the wrapper shows the kernel its own name
     assert attention_mask is None or attention_mask.dim() == 2
     B, H, Lq, d = query.shape
     K = key.shape[2]
@@ -530,18 +524,14 @@ def fake_flash(module, query, key, value, attention_mask, dropout=0.0, scaling=N
 
 @pytest.fixture
 def fake_flash_model(vlm):
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-    from transformers.modeling_utils import AttentionInterface
-    AttentionInterface.register(FAKE, fake_flash)
-    AttentionMaskInterface.register(FAKE, ALL_MASK_ATTENTION_FUNCTIONS["flash_attention_2"])
+    undo = hf.register_attention(FAKE, fake_flash, mask_like="flash_attention_2")
     v = build_model("tiny-qwen2-vl", attn="sdpa", seed=0)
     try:
-        v.model.set_attn_implementation({"text_config": FAKE})
+        hf.set_text_attention(v.model, FAKE)
         yield v
     finally:
-        v.model.set_attn_implementation({"text_config": "sdpa"})
-        AttentionInterface._global_mapping.pop(FAKE, None)
-        AttentionMaskInterface._global_mapping.pop(FAKE, None)
+        hf.set_text_attention(v.model, "sdpa")
+        undo()
 
 
 def test_flash_style_kernel_gets_2d_masks_and_matches_sdpa(vlm, fake_flash_model):

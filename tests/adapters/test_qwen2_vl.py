@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import tokcomp
+from tokcomp.adapters import _hf as hf
 from tokcomp.errors import AdapterError
 from tokcomp.strategy import ViTCompressor
 from tokcomp.testing import Video, default_images, make_inputs, make_video_inputs, procedural_video
@@ -168,10 +169,10 @@ def test_manual_decode_loop_uses_rope_deltas(tiny_vlm_factory):
         g = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False, output_logits=True,
                            return_dict_in_generate=True)
         out = model(**inputs, use_cache=True)
-        cache, logits = out.past_key_values, [out.logits[:, -1]]
+        cache, logits = hf.output_cache(out), [out.logits[:, -1]]
         for _ in range(2):
             nxt = logits[-1].argmax(-1, keepdim=True)
-            out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+            out = model(input_ids=nxt, **hf.cache_kwargs(cache), use_cache=True)
             logits.append(out.logits[:, -1])
     for a, b in zip(logits, g.logits):
         assert torch.allclose(a, b, atol=inv.LOGIT_ATOL, rtol=0)
@@ -255,7 +256,7 @@ def test_unmet_needs_refused_before_any_forward(tiny_vlm_factory):
 def test_non_flash_strategy_refused_under_flash_vision(tiny_vlm_factory):
     model = tiny_vlm_factory("tiny-qwen2-vl", fresh=True).model
     cfg = model.config.vision_config
-    cfg._attn_implementation = "flash_attention_2"   # only the name is read by check(); no kernel is loaded
+    hf.set_config_attn(cfg, "flash_attention_2")   # only the name is read by check(); no kernel is loaded
     with pytest.raises(AdapterError, match="flash"):
         tokcomp.compress(model, vision=_NotFlash(keep_ratio=0.5))
 
@@ -284,9 +285,9 @@ def test_new_images_on_a_filled_cache_are_refused(tiny_vlm_factory):
     model = vlm.model
     inputs = make_inputs(vlm, [default_images()[3]])
     with tokcomp.compress(model, vision="random(keep_ratio=0.5)"), torch.no_grad():
-        cache = model(**inputs, use_cache=True).past_key_values
+        cache = hf.output_cache(model(**inputs, use_cache=True))
         with pytest.raises(AdapterError, match="non-empty cache"):
-            model(**inputs, past_key_values=cache)
+            model(**inputs, **hf.cache_kwargs(cache))
 
 
 @pytest.mark.parametrize("name", MODELS)

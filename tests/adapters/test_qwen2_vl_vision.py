@@ -15,6 +15,7 @@ import tokcomp
 from tokcomp.adapters._qwen_layout import block_segments, initial_tokens, qwen_vision_meta
 from tokcomp.adapters._vision import check_finish, cu_seqlens_of, run_block_variant, sdpa_attend, segment_attention
 from tokcomp.adapters.qwen2_vl import Qwen2VLAdapter
+from tokcomp.adapters import _hf as hf
 from tokcomp.errors import AdapterError
 from tokcomp.strategy import ViTCompressor
 from tokcomp.tokens import BlockVariant, VisionTokens
@@ -456,11 +457,10 @@ def _fake_varlen(module, query, key, value, attention_mask=None, scaling=None, d
 @pytest.fixture
 def fake_flash():
     """Registers the fake varlen kernel under a name containing 'flash' (so transformers takes its flash paths)."""
-    from transformers.modeling_utils import AttentionInterface
     name = "tokcomp_test_flash_varlen"
-    AttentionInterface.register(name, _fake_varlen)
+    undo = hf.register_attention(name, _fake_varlen, mask_like="flash_attention_2")
     yield name
-    AttentionInterface._global_mapping.pop(name, None)
+    undo()
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -478,8 +478,8 @@ def test_flash_paths_match_sdpa(tiny_vlm_factory, fake_flash, name):
         with tokcomp.compress(model, vision=make()):
             refs.append(_tower(model, pv, grid))
     cfg = model.config.vision_config
-    old = cfg._attn_implementation
-    cfg._attn_implementation = fake_flash
+    old = hf.attn_impl(cfg)
+    hf.set_config_attn(cfg, fake_flash)
     try:
         for make, ref in zip(strategies, refs):
             with tokcomp.compress(model, vision=make()):
@@ -489,7 +489,7 @@ def test_flash_paths_match_sdpa(tiny_vlm_factory, fake_flash, name):
             with tokcomp.compress(model, vision=_SizeBias(keep_ratio=0.5)):
                 _tower(model, pv, grid)
     finally:
-        cfg._attn_implementation = old
+        hf.set_config_attn(cfg, old)
 
 
 class _SizeBias(ViTCompressor):

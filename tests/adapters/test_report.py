@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import tokcomp
+from tokcomp.adapters import _hf as hf
 from tokcomp.metrics import flops as F
 from tokcomp.testing import make_inputs
 from tokcomp.testing.images import procedural_image
@@ -19,7 +20,7 @@ def test_report_counts_kv_flops_and_times(tiny_vlm_factory, name):
     with tokcomp.compress(model, SPECS[name]) as s, torch.inference_mode():
         out = model(**inputs, use_cache=True)
         rec = s.report.last
-        cache = out.past_key_values
+        cache = hf.output_cache(out)
         # KV bytes: the report's number is the real cache's, and the cache's per-layer lengths are the counts
         assert rec.kv_bytes == sum(t.numel() * t.element_size() for l in cache.layers for t in (l.keys, l.values))
         lengths = [l.keys.shape[-2] for l in cache.layers]

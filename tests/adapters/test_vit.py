@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import tokcomp
+from tokcomp.adapters import _hf as hf
 from tokcomp.adapters._vision import run_block_variant
 from tokcomp.adapters._vit_engine import block_ops
 from tokcomp.adapters._vit_restore import (grid_layout, grid_tokens, initial_sources, patch_owner,
@@ -41,7 +42,7 @@ def _model(kind: str, attn: str = "sdpa", seed: int = 0, layers: int = 4):
         cfg, cls = tf.CLIPVisionConfig(**common), tf.CLIPVisionModel
     else:
         cfg, cls = tf.SiglipVisionConfig(**common), tf.SiglipVisionModel
-    cfg._attn_implementation = attn
+    hf.set_config_attn(cfg, attn)
     return cls(cfg).eval()
 
 
@@ -316,7 +317,7 @@ def test_block_runner_matches_native_layer(enc):
     hs = x["in"]                                                       # [1, n1, C]
     h, w = H_PX // 4, px.shape[-1] // 4
     tokens = grid_tokens(hs, h, w, parts.n_prefix)
-    ops = block_ops(parts.layers[1], parts.kind, model.config._attn_implementation)
+    ops = block_ops(parts.layers[1], parts.kind, hf.attn_impl(model.config))
     native = parts.layers[1](hs, None)[0]
     plain = run_block_variant(ops, tokens, BlockVariant(), tokens.segment)
     torch.testing.assert_close(plain.hidden, native, atol=1e-5, rtol=1e-5)

@@ -27,7 +27,7 @@ def test_listed_by_the_cli(capsys):
 def test_registered_from_its_own_distribution():
     cls = tokcomp.default_registry().strategy_class("l2norm")
     assert cls.__module__ == "tokcomp_example_plugin"
-    assert md.distribution("tokcomp-example-plugin").entry_points[0].group == "tokcomp"
+    assert tuple(md.distribution("tokcomp-example-plugin").entry_points)[0].group == "tokcomp"
 
 
 def test_selects_largest_norm_units_per_segment():

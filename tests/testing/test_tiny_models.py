@@ -8,6 +8,7 @@ import torch
 
 torch.set_num_threads(1)
 
+from tokcomp.adapters import _hf as hf  # noqa: E402
 from tokcomp.testing import (  # noqa: E402
     MODEL_PRESETS,
     Video,
@@ -71,8 +72,8 @@ def test_build_and_forward(tiny_vlm_factory, procedural_images, name):
     vlm = tiny_vlm_factory(name)
     cfg, tok = vlm.model.config, vlm.tokenizer
     assert not vlm.model.training
-    assert cfg.get_text_config()._attn_implementation == "sdpa"
-    assert cfg.vision_config._attn_implementation == "sdpa"
+    assert hf.attn_impl(cfg.get_text_config()) == "sdpa"
+    assert hf.attn_impl(cfg.vision_config) == "sdpa"
     if vlm.family == "qwen2_vl":
         for key, s in (("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
                        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")):
@@ -151,8 +152,8 @@ def test_two_images_one_prompt_and_text_only(tiny_vlm_factory, procedural_images
 @pytest.mark.parametrize("name", TINY)
 def test_eager_matches_sdpa(tiny_vlm_factory, procedural_images, name):
     sdpa, eager = tiny_vlm_factory(name), tiny_vlm_factory(name, attn="eager")
-    assert eager.model.config.get_text_config()._attn_implementation == "eager"
-    assert eager.model.config.vision_config._attn_implementation == "eager"
+    assert hf.attn_impl(eager.model.config.get_text_config()) == "eager"
+    assert hf.attn_impl(eager.model.config.vision_config) == "eager"
     inputs = make_inputs(sdpa, [procedural_images[0], None])
     real = inputs["attention_mask"].bool()  # padded positions attend to nothing: backends differ there
     with torch.no_grad():

@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# Creates .venv from a fresh clone: the CPU torch wheel, tokcomp (editable, with test extras) and the example plugin.
-# Nothing downloads model weights; the tiny models are built in-process.
+# Creates a virtual environment from a fresh clone: the CPU torch wheel, tokcomp (editable, with test extras) and
+# the example plugin. Nothing downloads model weights; the tiny models are built in-process.
+#   VENV=.venv (default)                     the newest transformers pyproject.toml allows (what users get today)
+#   VENV=.venv-lowest TRANSFORMERS=5.19.0    one pinned transformers inside the declared range
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-[ -x .venv/bin/python ] || "$PY" -m venv .venv
+VENV=${VENV:-.venv}
+PIN=${TRANSFORMERS:+transformers==$TRANSFORMERS}
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 quiet() { "$@" 2>&1 | { grep -v "is ignored" || true; }; }   # pip's exit status still fails the script
-quiet .venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0
-quiet .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]" -e examples/tokcomp-example-plugin
-.venv/bin/python -c "import torch, transformers, tokcomp; print('tokcomp', tokcomp.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__)"
+quiet "$VENV/bin/python" -m pip install -q --disable-pip-version-check torch==2.13.0
+quiet "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade-strategy eager \
+    -e ".[test]" -e examples/tokcomp-example-plugin $PIN
+"$VENV/bin/python" -c "import torch, transformers, tokcomp; print('$VENV: tokcomp', tokcomp.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__)"

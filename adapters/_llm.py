@@ -37,7 +37,7 @@ from torch import Tensor
 from tokcomp.adapter import Surgery
 from tokcomp.errors import AdapterError
 from tokcomp.strategy import LLMPruner
-from tokcomp.tokens import LLMStep, Selection, VisualSpan
+from tokcomp.tokens import LLMContext, LLMStep, Selection, VisualSpan
 
 from . import _hf as hf
 
@@ -270,7 +270,7 @@ class _Prefill:
     pruning: bool
     stages: list[_Stage] = field(default_factory=list)
     layer_stage: dict[int, _Stage] = field(default_factory=dict)
-    ctx: dict[str, Any] = field(default_factory=dict)
+    ctx: LLMContext | None = None
     embeds: Tensor | None = None
     hidden_in: Tensor | None = None
     capture: dict[int, Tensor | None] = field(default_factory=dict)  # layer -> query rows (None: keys only)
@@ -325,7 +325,7 @@ class LLMEngine:
     """
 
     def __init__(self, *, model, language_model, pruner: LLMPruner | None, surgery: Surgery,
-                 on_prefill: Callable[[dict[int, list[int]]], None] | None = None):
+                 on_prefill: Callable[[dict[int, list[int]]], None] | None = None, family: str = ""):
         """model: the top-level VLM (for set_attn_implementation); language_model: the decoder stack (.layers, .norm,
         .config); pruner: an LLMPruner or None (None = engine only tracks spans, prunes nothing); surgery:
         tokcomp.adapter.Surgery; on_prefill: callable(dict[int, list[int]]) receiving achieved visual-token counts
@@ -335,6 +335,7 @@ class LLMEngine:
         self.pruner = pruner
         self.surgery = surgery
         self.on_prefill = on_prefill
+        self.family = family
         self.n_layers = len(language_model.layers)
         self.prune_at: list[int] = self._prune_layers()
         self.attn_name: str | None = None
@@ -457,6 +458,7 @@ class LLMEngine:
                       stage=stage, pruning=bool(self.prune_at))
         self._fw = fw
         if fw.pruning:
+            fw.ctx = LLMContext(n_layers=self.n_layers, prune_layers=list(self.prune_at), family=self.family)
             self.pruner.begin(fw.ctx)
         return None
 
@@ -608,8 +610,9 @@ class LLMEngine:
         h = output if torch.is_tensor(output) else output[0]
         st = fw.stage
         step = LLMStep(layer=i, hidden=h, hidden_in=fw.hidden_in, visual=st.visual, valid=st.valid,
-                       spans=self._spans(fw, st), n_visual_original=fw.n_vis0, attn=fw.attn, queries=fw.queries,
-                       keys=fw.keys, embeds=fw.embeds, embeds_index=st.index, norm=self.lm.norm)
+                       spans=self._spans(fw, st), n_visual_original=fw.n_vis0, n_layers=self.n_layers,
+                       attn=fw.attn, queries=fw.queries, keys=fw.keys, embeds=fw.embeds, embeds_index=st.index,
+                       norm=self.lm.norm)
         fw.attn = fw.queries = fw.keys = fw.hidden_in = None
         sel = self.pruner.select(step, fw.ctx)
         keep = self._keep_mask(sel, st, i)

@@ -13,15 +13,17 @@ keep_ratio whose one-shot area equals the paper schedule's area.
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
+import torch
 from pydantic import Field, field_validator, model_validator
 
 from tokcomp.config import StrategyConfig
 from tokcomp.errors import ConfigError
 from tokcomp.ops.schedule import check_schedule, fit_fractions, one_shot_area, schedule_area, stage_counts
+from tokcomp.ops.select import top_visual
 from tokcomp.strategy import LLMPruner
-from tokcomp.tokens import LLMStep
+from tokcomp.tokens import LLMContext, LLMStep, Selection
 
 #: the one-shot layer K whose layer-averaged count a progressive schedule matches (DESIGN.md §3)
 ONE_SHOT_LAYER = 2
@@ -54,14 +56,13 @@ def paper_keep_ratio(layers: tuple[int, ...], fractions: tuple[float, ...], dept
 
 
 class ProgressivePruner(LLMPruner):
-    """Base of the progressive pruners: stage layers, per-row stage counts, the stage of a step."""
+    """Base of the progressive pruners: stage layers, per-row stage counts, the stage of a step.
+
+    A score-only progressive pruner writes ``default_layers``, ``anchors`` and ``score(step, ctx) -> Tensor[B, L]``;
+    the default ``select`` keeps each row's stage budget of best-scored visual tokens (ties by lower position)."""
 
     #: minimum visual tokens a stage keeps per row (V²Drop's ``max(1, ...)``; SPU may reach 0)
     minimum: ClassVar[int] = 1
-
-    def __init__(self, config=None, **values: Any):
-        super().__init__(config, **values)
-        self._depths: set[int] = set()  # LLM depths seen by prune_layers (config-derived memo, not per-forward)
 
     # -- to override -------------------------------------------------------------------------------------
     def default_layers(self, n_layers: int) -> list[int]:
@@ -91,7 +92,6 @@ class ProgressivePruner(LLMPruner):
         return stage_counts(n_visual, fractions, self.minimum)
 
     def prune_layers(self, n_layers: int) -> list[int]:
-        self._depths.add(int(n_layers))
         if self.config.schedule is None and self.config.is_noop_budget:
             return []
         return [layer - 1 for layer in self.stage_layers(n_layers)]
@@ -106,27 +106,23 @@ class ProgressivePruner(LLMPruner):
                                   f"has {depth} layers (prune points 1..{depth - 1}); fix: choose layers < {depth}")
 
     # -- per step -----------------------------------------------------------------------------------------
-    def depth(self, ctx: dict[str, Any]) -> int:
-        """The LLM depth of this forward: ``ctx["n_layers"]`` if the engine provides it, else the depth given to
-        :meth:`prune_layers` (unambiguous when the pruner serves one model)."""
-        n = ctx.get("n_layers")
-        if n is not None:
-            return int(n)
-        if len(self._depths) == 1:
-            return next(iter(self._depths))
-        raise RuntimeError(f"{self.name}: cannot tell the LLM depth of this forward (prune_layers saw "
-                           f"{sorted(self._depths) or 'none'}); fix: use one strategy instance per model (or an "
-                           "engine that puts ctx['n_layers'])")
-
-    def stage_budget(self, step: LLMStep, ctx: dict[str, Any]) -> list[int]:
+    def stage_budget(self, step: LLMStep, ctx: LLMContext | None = None) -> list[int]:
         """Per row, the visual tokens to keep after ``step.layer`` (the stage before layer ``step.layer + 1``)."""
-        n_layers = self.depth(ctx)
-        layers = self.stage_layers(n_layers)
+        layers = self.stage_layers(step.n_layers)
         if step.layer + 1 not in layers:
             raise ValueError(f"{self.name}: layer {step.layer} is not a prune point of this schedule "
                              f"(prune_layers = {[x - 1 for x in layers]})")
         stage = layers.index(step.layer + 1)
-        return [self.plan(int(n), n_layers)[stage] for n in step.n_visual_original.tolist()]
+        return [self.plan(int(n), step.n_layers)[stage] for n in step.n_visual_original.tolist()]
+
+    def score(self, step: LLMStep, ctx: LLMContext) -> torch.Tensor:
+        """Tensor[B, L]: how much each current token deserves to stay (only visual entries are read)."""
+        raise NotImplementedError
+
+    def select(self, step: LLMStep, ctx: LLMContext) -> Selection:
+        with torch.no_grad():
+            score = self.score(step, ctx)
+        return Selection(keep=top_visual(score, step.visual, self.stage_budget(step, ctx)))
 
 
 def scaled_paper_anchors(layers: list[int], paper: list[tuple[float, ...]]) -> list[list[float]]:

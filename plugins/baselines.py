@@ -13,10 +13,10 @@ import math
 import torch
 from pydantic import Field
 
-from tokcomp.config import LayerField, StrategyConfig
+from tokcomp.config import LayerField, PruneLayer, StrategyConfig
 from tokcomp.hookspecs import hookimpl
-from tokcomp.strategy import LLMPruner, ViTCompressor
-from tokcomp.tokens import LLMStep, Selection, VisionContext, VisionTokens
+from tokcomp.strategy import ScorePruner, ScorePrunerConfig, ViTCompressor
+from tokcomp.tokens import LLMContext, LLMStep, VisionContext, VisionTokens
 
 
 def _scores(n: int, *key: int) -> torch.Tensor:
@@ -133,30 +133,25 @@ class Pool(ViTCompressor):
         return out.select(order)
 
 
-class RandomLLMConfig(StrategyConfig):
-    layer: int = LayerField(1, tower="llm", description="prune after this decoder layer (FastV's K=2 is layer 1)")
+class RandomLLMConfig(ScorePrunerConfig):
+    layer: int = PruneLayer(2, description="K: prune before decoder layer K (FastV's and DART's default point)")
     seed: int = Field(0, ge=0, description="random seed")
 
 
-class RandomLLM(LLMPruner):
-    """Keep a seeded random subset of each row's visual tokens after one decoder layer."""
+class RandomLLM(ScorePruner):
+    """Keep a seeded random subset of each row's visual tokens before decoder layer K."""
 
     name = "random"
-    summary = "random visual tokens kept after one LLM layer (baseline)"
+    summary = "random visual tokens kept before LLM layer K (baseline)"
     Config = RandomLLMConfig
 
-    def prune_layers(self, n_layers: int) -> list[int]:
-        return [] if self.config.is_noop_budget else [self.config.layer]
-
-    def select(self, step: LLMStep, ctx: dict) -> Selection:
-        keep = []
-        for b in range(step.visual.shape[0]):
-            pos = step.visual[b].nonzero()[:, 0]
-            k = self.config.keep_count(int(step.n_visual_original[b])) if pos.numel() else 0
-            k = min(k, pos.numel())
-            score = _scores(pos.numel(), self.config.seed, int(step.n_visual_original[b]))
-            keep.append(pos[torch.topk(score, k).indices.to(pos.device)])
-        return Selection(keep=keep)
+    def score(self, step: LLMStep, ctx: LLMContext) -> torch.Tensor:
+        """Uniform scores that depend only on the seed and the row's own original visual count (batch-invariant)."""
+        out = torch.zeros(step.visual.shape, dtype=torch.float32)
+        for b, n in enumerate(step.n_visual_original.tolist()):
+            pos = step.visual[b].nonzero()[:, 0].cpu()
+            out[b, pos] = _scores(pos.numel(), self.config.seed, int(n))
+        return out
 
 
 @hookimpl

@@ -13,17 +13,17 @@ is deterministic (the reference iterates a Python set).
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from pydantic import Field
 
-from tokcomp.config import LayerField, StrategyConfig
+from tokcomp.config import PruneLayer, StrategyConfig
 from tokcomp.hookspecs import hookimpl
 from tokcomp.ops.dart import dart_select
 from tokcomp.plugins._rows import text_after_first_visual
 from tokcomp.strategy import LLMPruner
-from tokcomp.tokens import LLMStep, Selection
+from tokcomp.tokens import LLMContext, LLMStep, Selection
 
 
 class DARTConfig(StrategyConfig):
@@ -32,8 +32,7 @@ class DARTConfig(StrategyConfig):
 
     default_keep_ratio: ClassVar[float] = 0.222
 
-    layer: int = LayerField(2, tower="llm", ge=1,
-                            description="K: prune before decoder layer K using layer K-1's keys and hidden states "
+    layer: int = PruneLayer(2, description="K: prune before decoder layer K using layer K-1's keys and hidden states "
                                         "(official: 2)")
     pivots_image: int = Field(4, ge=0, le=64, description="visual pivot tokens (official: 4)")
     pivots_text: int = Field(4, ge=0, le=64, description="text pivot tokens, used only as references (official: 4)")
@@ -66,7 +65,7 @@ class DART(LLMPruner):
     def prune_layers(self, n_layers: int) -> list[int]:
         return [] if self.config.is_noop_budget else [self.config.layer - 1]
 
-    def select(self, step: LLMStep, ctx: dict[str, Any]) -> Selection:
+    def select(self, step: LLMStep, ctx: LLMContext) -> Selection:
         if step.keys is None:
             raise ValueError("dart needs the post-RoPE keys of layer K-1 (step.keys is None); the adapter must serve "
                              "needs_keys")

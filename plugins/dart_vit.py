@@ -73,6 +73,7 @@ class DartViT(ViTCompressor):
     summary = "DART duplication-aware unit selection (L1 pivots, least-similar picks) inside the vision tower"
     granularity = "unit"
     Config = DartViTConfig
+    examples = ({"layer": 1},)                   # inside the tower (the default acts after the last block)
 
     def after_block(self, i: int, tokens: VisionTokens, ctx: VisionContext) -> VisionTokens:
         at = ctx.depth - 1 if self.config.layer is None else self.config.layer

@@ -111,6 +111,7 @@ class IPCV(ViTCompressor):
                "reconstruction, restore the full grid before the merger")
     granularity = "patch"
     Config = IPCVConfig
+    examples = ({"prune_layer": 2},)             # the family defaults (3 / 7) need deeper towers than the tiny ones
 
     #: paper defaults per adapter family (``ctx.family``), used where a field is None; other families get
     #: ``defaults[fallback_family]``. Sources: the IPCV repository's eval scripts (Qwen2-VL/eval_scripts/

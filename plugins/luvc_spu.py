@@ -21,7 +21,7 @@ layers "until complete elimination at the final layer"), see docs/methods/luvc_s
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from pydantic import Field
@@ -32,7 +32,7 @@ from tokcomp.ops.schedule import evenly_spaced
 from tokcomp.ops.select import topk_per_segment
 from tokcomp.ops.spectral import lowpass_residual_energy
 from tokcomp.plugins._progressive import ProgressiveConfig, ProgressivePruner
-from tokcomp.tokens import LLMStep, Selection, VisualSpan
+from tokcomp.tokens import LLMContext, LLMStep, Selection, VisualSpan
 
 
 class SPUConfig(ProgressiveConfig):
@@ -113,7 +113,7 @@ class SPU(ProgressivePruner):
         ramp = [f + (1.0 - f) * (m - i) / m for i in range(1, m + 1)]
         return [[f] * m, ramp, [1.0] * (m - 1) + [f], [1.0] * m]
 
-    def select(self, step: LLMStep, ctx: dict[str, Any]) -> Selection:
+    def select(self, step: LLMStep, ctx: LLMContext) -> Selection:
         budgets = self.stage_budget(step, ctx)
         cutoff = self.config.cutoff
         keep = []

@@ -21,7 +21,7 @@ achieved counts equal the schedule exactly.
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from pydantic import Field
@@ -32,7 +32,7 @@ from tokcomp.ops.schedule import scale_layers
 from tokcomp.ops.select import stable_order
 from tokcomp.plugins._progressive import ProgressiveConfig, ProgressivePruner, paper_keep_ratio, scaled_paper_anchors
 from tokcomp.plugins._rows import text_after_first_visual
-from tokcomp.tokens import LLMStep, Selection
+from tokcomp.tokens import LLMContext, LLMStep, Selection
 
 PAPER_DEPTH = 32
 #: pruning_loc [2, 6, 15] prunes after those layers = before 3, 7, 16
@@ -131,9 +131,7 @@ class SparseVLM(ProgressivePruner):
         return scaled_paper_anchors(layers, PAPER_FRACTIONS)
 
     def attention_queries(self, layer: int) -> str | None:
-        if len(self._depths) == 1:
-            return "text" if layer + 1 in self.stage_layers(next(iter(self._depths))) else None
-        return "text"
+        return "text"           # asked only at the prune points: every stage rates with the text rows
 
     # -- raters -------------------------------------------------------------------------------------------
     @staticmethod
@@ -142,10 +140,10 @@ class SparseVLM(ProgressivePruner):
             return step.embeds_index
         return torch.arange(step.visual.shape[1], device=step.visual.device).expand(step.visual.shape[0], -1)
 
-    def raters(self, step: LLMStep, ctx: dict[str, Any]) -> list[torch.Tensor]:
-        """Per row, the original indices of the text raters (computed once per prefill, kept in ``ctx``)."""
-        if self._RATERS in ctx:
-            return ctx[self._RATERS]
+    def raters(self, step: LLMStep, ctx: LLMContext) -> list[torch.Tensor]:
+        """Per row, the original indices of the text raters (computed once per prefill, kept in ``ctx.state``)."""
+        if self._RATERS in ctx.state:
+            return ctx.state[self._RATERS]
         if step.embeds is None:
             raise ValueError("sparsevlm needs the layer-0 input embeddings (step.embeds is None)")
         index = self._index(step)
@@ -157,10 +155,10 @@ class SparseVLM(ProgressivePruner):
                 emb = step.embeds[b]
                 mask = text_raters(emb[vis.to(emb.device)], emb[txt.to(emb.device)])
                 out.append(txt[mask.to(txt.device)])
-        ctx[self._RATERS] = out
+        ctx.state[self._RATERS] = out
         return out
 
-    def rater_rows(self, step: LLMStep, ctx: dict[str, Any], b: int) -> torch.Tensor:
+    def rater_rows(self, step: LLMStep, ctx: LLMContext, b: int) -> torch.Tensor:
         """Row ``b``'s indices into ``step.queries[b]`` (R) of rater queries, each position once; all distinct
         query rows if the row has no rater among them."""
         q = step.queries[b]
@@ -175,7 +173,7 @@ class SparseVLM(ProgressivePruner):
         return is_rater.nonzero()[:, 0] if bool(is_rater.any()) else first.nonzero()[:, 0]
 
     # -- selection ----------------------------------------------------------------------------------------
-    def select(self, step: LLMStep, ctx: dict[str, Any]) -> Selection:
+    def select(self, step: LLMStep, ctx: LLMContext) -> Selection:
         if step.attn is None or step.queries is None:
             raise ValueError("sparsevlm needs attention rows of the text queries (step.attn is None); the adapter "
                              "must serve attention_queries(layer) == 'text'")

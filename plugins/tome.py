@@ -77,6 +77,9 @@ class ToMe(ViTCompressor):
                "proportional attention")
     granularity = "unit"
     flash_compatible = False  # proportional attention is an additive float bias (flash: prop_attn=false)
+
+    def flash_ok(self) -> bool:
+        return not self.config.prop_attn
     Config = ToMeConfig
 
     _KEY: ClassVar[str] = "tome"

@@ -15,15 +15,14 @@ schedule exactly on a 28-layer LLM. An explicit ``schedule`` replaces all of thi
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
 from tokcomp.hookspecs import hookimpl
 from tokcomp.ops.schedule import scale_layers
-from tokcomp.ops.select import stable_order
 from tokcomp.plugins._progressive import ProgressiveConfig, ProgressivePruner, paper_keep_ratio, scaled_paper_anchors
-from tokcomp.tokens import LLMStep, Selection
+from tokcomp.tokens import LLMContext, LLMStep
 
 #: official Qwen2-VL schedule (Qwen2VL_V2Drop/modeling_qwen2_vl_self.py): prune before these layers of 28
 PAPER_DEPTH = 28
@@ -67,18 +66,8 @@ class V2Drop(ProgressivePruner):
     def anchors(self, layers: list[int], n_layers: int) -> list[list[float]]:
         return scaled_paper_anchors(layers, [PAPER_FRACTIONS])
 
-    def select(self, step: LLMStep, ctx: dict[str, Any]) -> Selection:
-        budgets = self.stage_budget(step, ctx)
-        keep = []
-        with torch.no_grad():
-            for b, budget in enumerate(budgets):
-                pos = step.visual[b].nonzero()[:, 0]
-                k = min(budget, pos.numel())
-                hid = step.hidden[b].index_select(0, pos.to(step.hidden.device))
-                hid_in = step.hidden_in[b].index_select(0, pos.to(step.hidden_in.device))
-                chosen = stable_order(variation(hid, hid_in))[:k].to(pos.device)
-                keep.append(torch.sort(pos[chosen]).values)
-        return Selection(keep=keep)
+    def score(self, step: LLMStep, ctx: LLMContext) -> torch.Tensor:
+        return variation(step.hidden, step.hidden_in)
 
 
 @hookimpl

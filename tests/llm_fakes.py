@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from tokcomp.tokens import LLMStep, Selection, VisualSpan
+from tokcomp.tokens import LLMContext, LLMStep, Selection, VisualSpan
 
 DIM, HEADS, KV_HEADS, HEAD_DIM = 16, 4, 2, 8
 
@@ -99,7 +99,7 @@ class FakeResult:
     steps: list[tuple[LLMStep, Selection]]
     kept: list[torch.Tensor]               # per row: original indices of the visual tokens left at the end
     hidden: list[torch.Tensor]             # per row: final hidden states of the unpadded current tokens
-    ctx: dict
+    ctx: LLMContext
 
 
 class FakeLLM:
@@ -109,14 +109,12 @@ class FakeLLM:
         self.rows = [RowData(items, seed) for items, seed in rows]
         self.n_layers = n_layers
 
-    def run(self, pruner, ctx: dict[str, Any] | None = None, give_depth: bool = True) -> FakeResult:
+    def run(self, pruner, ctx: LLMContext | None = None) -> FakeResult:
         rows, n_layers = self.rows, self.n_layers
         cur = [torch.arange(r.n) for r in rows]                 # original indices of current tokens
         hid = [r.embeds.clone() for r in rows]                  # current hidden states (unpadded)
-        ctx = {} if ctx is None else ctx
-        if give_depth:
-            ctx["n_layers"] = n_layers
         prune = pruner.prune_layers(n_layers)
+        ctx = LLMContext(n_layers=n_layers, prune_layers=list(prune)) if ctx is None else ctx
         assert prune == sorted(set(prune)), prune
         pruner.begin(ctx)
         counts, steps = {}, []
@@ -173,7 +171,7 @@ class FakeLLM:
         for b, r in enumerate(rows):
             embeds0[b, e_pad[b]:] = r.embeds
         step = LLMStep(layer=i, hidden=hidden, hidden_in=hidden_in, visual=visual, valid=valid, spans=spans,
-                       n_visual_original=torch.tensor([int(r.visual.sum()) for r in rows]),
+                       n_visual_original=torch.tensor([int(r.visual.sum()) for r in rows]), n_layers=self.n_layers,
                        keys=keys if pruner.needs_keys else None, embeds=embeds0,
                        embeds_index=index + torch.tensor(e_pad)[:, None], norm=fake_norm)
         kind = pruner.attention_queries(i)
@@ -211,6 +209,18 @@ class FakeLLM:
             new_cur.append(c[keep - pad])
             new_out.append(hidden[keep])
         return new_cur, new_out
+
+
+def planned_counts(pruner, n_visual: int, n_layers: int) -> list[int]:
+    """Visual tokens entering each layer that a pruner's own budget implies (progressive: its plan; one-shot: its
+    budget from layer K on)."""
+    if hasattr(pruner, "plan"):
+        return layer_counts_from_plan(pruner, n_visual, n_layers)
+    from tokcomp.ops.schedule import achieved_counts
+    if not pruner.prune_layers(n_layers):
+        return [n_visual] * n_layers
+    k = pruner.config.keep_count(n_visual) if n_visual else 0
+    return achieved_counts(n_visual, [pruner.config.layer], [k], n_layers)
 
 
 def layer_counts_from_plan(pruner, n_visual: int, n_layers: int) -> list[int]:

@@ -26,6 +26,15 @@ def LayerField(default: Any = None, *, tower: Tower, description: str = "", **kw
     return Field(default, description=description, json_schema_extra=extra, **kw)
 
 
+def PruneLayer(default: int = 2, *, description: str = "", **kw) -> Any:
+    """The one meaning of ``layer`` for every LLM pruner: **K, prune before decoder layer K**. Layer K is the first
+    layer that runs on the reduced sequence; the pruner ranks tokens with layer K-1's output (FastV's and DART's
+    K). Valid values are ``1 .. n_layers - 1`` (K = n_layers would prune after the last layer, which saves
+    nothing, and is refused before any forward)."""
+    return LayerField(default, tower="llm", ge=1, description=description or (
+        "K: prune before decoder layer K, ranking with layer K-1's output (1 .. n_layers - 1)"), **kw)
+
+
 class StrategyConfig(BaseModel):
     """Base of every strategy config: a budget and method fields, validated, immutable, no unknown keys."""
 
@@ -89,12 +98,15 @@ class StrategyConfig(BaseModel):
             if value is None or tower not in depths:
                 continue
             depth = depths[tower]
+            low = min([int(m.ge) for m in type(self).model_fields[name].metadata if hasattr(m, "ge")] or [0])
             for v in (value if isinstance(value, (list, tuple)) else [value]):
-                if not 0 <= int(v) < depth:
+                if not low <= int(v) < depth:
                     what = "vision tower" if tower == "vision" else "language model"
+                    why = (f"; a prune point K={v} would prune after the last layer" if low == 1 and tower == "llm"
+                           and int(v) >= depth else "")
                     raise ConfigError(
                         f"{strategy}: {name}={value} is out of range for this model's {what}, which has "
-                        f"{depth} {'blocks' if tower == 'vision' else 'layers'} (valid indices 0..{depth - 1}); "
+                        f"{depth} {'blocks' if tower == 'vision' else 'layers'} (valid {low}..{depth - 1}{why}); "
                         f"fix: choose {name} < {depth}")
 
     # -- spec round trip -------------------------------------------------------------------------------

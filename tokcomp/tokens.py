@@ -185,7 +185,8 @@ class LLMStep:
         visual: BoolTensor[B, L] visual tokens.
         valid: BoolTensor[B, L] non-padding tokens.
         spans: visual spans per row (``spans[b]`` is a list of VisualSpan).
-        n_visual_original: LongTensor[B] visual tokens per row before any LLM pruning.
+        n_visual_original: LongTensor[B] visual tokens per row before any LLM pruning (budgets are fractions of it).
+        n_layers: decoder layers of the language model (progressive schedules scale to it).
         attn: Tensor[B, H, R, L] float32 softmax attention rows of ``queries`` at this layer, or None.
         queries: LongTensor[B, R] the query positions of ``attn`` (same R for each row; padded rows repeat).
         keys: Tensor[B, H_kv, L, head_dim] post-RoPE keys of this layer, or None.
@@ -201,12 +202,30 @@ class LLMStep:
     valid: Tensor
     spans: list[list[VisualSpan]]
     n_visual_original: Tensor
+    n_layers: int
     attn: Tensor | None = None
     queries: Tensor | None = None
     keys: Tensor | None = None
     embeds: Tensor | None = None
     embeds_index: Tensor | None = None
     norm: Callable[[Tensor], Tensor] | None = None
+
+
+@dataclass
+class LLMContext:
+    """Per-prefill context handed to an LLM pruner (``begin`` and every ``select`` of one prefill).
+
+    Attributes:
+        n_layers: decoder layers of the language model.
+        prune_layers: the layers after which ``select`` is called in this prefill (what ``prune_layers`` returned).
+        family: adapter family name ("qwen2_vl", "internvl", ...), for reports only.
+        state: scratch space for this prefill (e.g. SparseVLM's text raters, computed once).
+    """
+
+    n_layers: int
+    prune_layers: list[int] = field(default_factory=list)
+    family: str = ""
+    state: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -16,11 +16,11 @@ from tokcomp.adapters._llm import LLMEngine, query_positions, repad_left, spans_
 from tokcomp.errors import AdapterError
 from tokcomp.plugins.baselines import RandomLLM
 from tokcomp.strategy import LLMPruner
-from tokcomp.testing import build_model, make_inputs, procedural_image
+from tokcomp.testing import build_model, make_inputs, matrix, procedural_image
 from tokcomp.tokens import LLMStep, Selection
 
-FAMILIES = ["tiny-qwen2-vl", "tiny-internvl"]
-ALL_FAMILIES = FAMILIES + ["tiny-qwen2.5-vl"]  # Qwen2.5-VL's text model only differs by names
+ALL_FAMILIES = matrix.presets()
+FAMILIES = [p for p in ALL_FAMILIES if p != "tiny-qwen2.5-vl"]  # Qwen2.5-VL's text model only differs by names
 ATTNS = ["sdpa", "eager"]
 TOL = 1e-4
 
@@ -277,7 +277,7 @@ def test_keep_half_kv_lengths_and_cached_decode(vlm, name, attn):
     n_txt = inputs["attention_mask"].sum(1) - n_vis
     kept = torch.round(n_vis * 0.5).long()
     Lc = int((n_txt + kept).max())
-    with engine(v, RandomLLM(keep_ratio=0.5, layer=1)) as eng:
+    with engine(v, RandomLLM(keep_ratio=0.5, layer=2)) as eng:
         out = generate(m, inputs, n=4)
         assert hf.cache_lengths(hf.output_cache(out)) == [L + 3, L + 3, Lc + 3, Lc + 3]
         assert eng.counts[0] == {0: n_vis.tolist(), 1: n_vis.tolist(), 2: kept.tolist(), 3: kept.tolist()}

@@ -14,10 +14,11 @@ from tokcomp.errors import AdapterError
 from tokcomp.strategy import ViTCompressor
 from tokcomp.testing import Video, default_images, make_inputs, make_video_inputs, procedural_video
 from tokcomp.testing import invariants as inv
+from tokcomp.testing import matrix
 
 torch.set_num_threads(1)
 
-MODELS = ["tiny-qwen2-vl", "tiny-qwen2.5-vl"]
+MODELS = matrix.presets("qwen2_vl")
 ATTN = ["sdpa", "eager"]
 SPECS = inv.invariant_specs()                       # random / pool (vision), random (llm), pairs; keep 1.0 and 0.5
 NOOP = [s for s in SPECS if inv.noop_spec(s)]
@@ -127,7 +128,7 @@ def test_report_counts_and_repacked_placeholders(tiny_vlm_factory):
     vlm = tiny_vlm_factory("tiny-qwen2.5-vl")
     model = vlm.model
     inputs = make_inputs(vlm, inv.default_prompts())          # images of 12, 8 and 4 units; a text row
-    with tokcomp.compress(model, "random(keep_ratio=0.5,layer=1)+random(keep_ratio=0.5,layer=1)") as s:
+    with tokcomp.compress(model, "random(keep_ratio=0.5,layer=1)+random(keep_ratio=0.5,layer=2)") as s:
         with torch.no_grad():
             model(**inputs)
     rec = s.report.prefill[-1]

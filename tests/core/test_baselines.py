@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import tokcomp
-from tokcomp.tokens import LLMStep, VisionContext
+from tokcomp.tokens import LLMContext, LLMStep, VisionContext
 from toymodel import toy_layout, toy_tokens
 
 
@@ -79,14 +79,14 @@ def _step(n_vis_rows, L=20):
         visual[b, 3:3 + n] = True
     h = torch.randn(B, L, 4)
     return LLMStep(layer=1, hidden=h, hidden_in=h, visual=visual, valid=torch.ones(B, L, dtype=torch.bool),
-                   spans=[[] for _ in range(B)], n_visual_original=visual.sum(1))
+                   spans=[[] for _ in range(B)], n_visual_original=visual.sum(1), n_layers=4)
 
 
 def test_random_llm_budget_per_row_and_batch_invariance():
     s = tokcomp.get("random", stage="llm", keep_ratio=0.5, seed=3)
-    sel = s.select(_step([12, 8]), {})
+    sel = s.select(_step([12, 8]), LLMContext(n_layers=4))
     assert [len(k) for k in sel.keep] == [6, 4]
     assert all(bool(_step([12, 8]).visual[b, k].all()) for b, k in enumerate(sel.keep))
-    alone = s.select(_step([8]), {})
+    alone = s.select(_step([8]), LLMContext(n_layers=4))
     assert torch.equal(alone.keep[0].sort().values, sel.keep[1].sort().values)
     assert s.prune_layers(4) == [1] and tokcomp.get("random", stage="llm", keep_ratio=1.0).prune_layers(4) == []

@@ -46,3 +46,38 @@ def test_usable_by_name_in_a_session(registry):
     with tokcomp.compress(m, "l2norm(keep_ratio=0.5)", registry=registry) as s:
         m(x, [(4, 4), (2, 4)])
     assert s.report.vision[-1].vision_out == [3]
+
+
+def test_a_one_shot_llm_pruner_plugin_is_one_small_file():
+    """The ScorePruner template: the whole third-party LLM pruner (module docstring, class, registration) is <= 20
+    lines, and it is in the invariant matrix because it is registered (tests/plugins/test_llm_pruners_invariants)."""
+    import tokcomp_example_plugin.hidden_norm as mod
+    from tokcomp.testing import matrix
+    assert len(open(mod.__file__).read().splitlines()) <= 20
+    assert tokcomp.default_registry().strategy_class("hidden_norm") is mod.HiddenNorm
+    assert mod.HiddenNorm in matrix.strategies("llm", "tiny-qwen2-vl")
+
+
+def test_the_llm_pruner_keeps_the_largest_norms_before_layer_k(tiny_vlm_factory):
+    """Against a hand-made check on a real tiny model: the kept visual tokens are the row's largest-norm ones of
+    layer K-1's output (the template's budget, ties and prune point)."""
+    from tokcomp.testing import default_images, make_inputs
+    vlm = tiny_vlm_factory("tiny-qwen2-vl")
+    inputs = make_inputs(vlm, [default_images()[0]])
+    p = tokcomp.get("hidden_norm", keep_ratio=0.25, layer=2)
+    seen = {}
+    lm = vlm.model.model.language_model
+    h1 = lm.layers[1].register_forward_hook(lambda m, a, out: seen.setdefault("out1", out))
+    h2 = lm.layers[2].register_forward_pre_hook(lambda m, a: seen.setdefault("in2", a[0]))
+    try:
+        with tokcomp.compress(vlm.model, llm=p) as s, torch.no_grad():
+            vlm.model(**inputs)
+    finally:
+        h1.remove(), h2.remove()
+    vis = inputs["input_ids"][0] == vlm.model.config.image_token_id
+    n = int(vis.sum())
+    norms = seen["out1"][0, vis].norm(dim=-1)
+    keep = ~vis
+    keep[vis.nonzero()[:, 0][norms.topk(round(n * 0.25)).indices]] = True     # all text + the largest norms
+    assert s.report.last.llm_layers[2] == [round(n * 0.25)]
+    assert torch.equal(seen["in2"][0], seen["out1"][0, keep])                # layer 2 runs on exactly those

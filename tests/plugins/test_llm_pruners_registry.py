@@ -1,4 +1,4 @@
-"""The five LLM pruners are registered through entry points, with papers, flags, schemas, specs and docs pages."""
+"""The five LLM pruners are registered (in code), with papers, flags, schemas, specs and docs pages."""
 from pathlib import Path
 
 import pytest
@@ -33,11 +33,13 @@ def test_progressive_schedule_round_trips_through_a_spec():
     assert tokcomp.parse_spec(pair.spec).llm.config == pair.llm.config
 
 
-def test_depth_is_ambiguous_only_without_ctx():
-    p = tokcomp.get("v2drop", keep_ratio=0.5)
-    p.prune_layers(8)
-    assert p.depth({}) == 8
-    p.prune_layers(12)
-    assert p.depth({"n_layers": 12}) == 12
-    with pytest.raises(RuntimeError, match="one strategy instance per model"):
-        p.depth({})
+def test_one_instance_serves_models_of_different_depths():
+    """Pruners keep no per-model state: the depth arrives with every step (``LLMStep.n_layers``), so one configured
+    instance gives each depth exactly its own plan, in any order."""
+    from llm_fakes import FakeLLM, layer_counts_from_plan
+    row = ([("t", 3), ("v", (1, 4, 5)), ("t", 4)], 7)
+    for name in ("v2drop", "sparsevlm", "luvc_spu"):
+        p = tokcomp.get(name, keep_ratio=0.4)
+        for depth in (8, 14, 8, 20):
+            res = FakeLLM([row], depth).run(p)
+            assert [c[0] for _, c in sorted(res.counts.items())] == layer_counts_from_plan(p, 20, depth), (name, depth)

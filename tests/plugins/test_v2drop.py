@@ -79,7 +79,7 @@ def test_keep_ratio_one_is_noop_and_batch_invariance():
     for b in range(step.visual.shape[0]):
         assert sel.keep[b].tolist() == step.visual[b].nonzero()[:, 0].tolist()
     for b, row in enumerate(ROWS):
-        alone = FakeLLM([row], 8).run(V2Drop(keep_ratio=0.4), give_depth=False)  # depth from prune_layers
+        alone = FakeLLM([row], 8).run(V2Drop(keep_ratio=0.4))
         assert torch.equal(res.kept[b], alone.kept[0])
 
 

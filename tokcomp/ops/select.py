@@ -11,7 +11,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["keep_count", "topk_per_segment", "segment_of", "stable_order"]
+__all__ = ["keep_count", "topk_per_segment", "segment_of", "stable_order", "top_visual"]
 
 
 def keep_count(
@@ -51,6 +51,25 @@ def stable_order(score: Tensor, descending: bool = True) -> Tensor:
     worst = float("-inf") if descending else float("inf")
     s = torch.where(torch.isnan(s), torch.full_like(s, worst), s)
     return torch.sort(s, descending=descending, stable=True).indices
+
+
+def top_visual(score: Tensor, visual: Tensor, budgets: list[int]) -> list[Tensor]:
+    """Per row, the ``budgets[b]`` visual positions with the highest score (an LLM pruner's top-k).
+
+    Args:
+        score: Tensor[B, L] any float dtype (compared in float32; NaN ranks lowest); non-visual entries are ignored.
+        visual: BoolTensor[B, L] candidate (visual) positions.
+        budgets: visual tokens to keep per row (clamped to the row's visual count).
+    Returns:
+        per row, LongTensor[k_b] ascending positions; ties are broken by the lower position.
+    """
+    out = []
+    for b, budget in enumerate(budgets):
+        pos = visual[b].nonzero()[:, 0]
+        k = max(0, min(int(budget), pos.numel()))
+        chosen = stable_order(score[b].to(pos.device)[pos])[:k]
+        out.append(torch.sort(pos[chosen]).values)
+    return out
 
 
 def topk_per_segment(score: Tensor, segment: Tensor, k: Tensor | int) -> Tensor:

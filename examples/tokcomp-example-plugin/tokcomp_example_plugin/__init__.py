@@ -28,7 +28,6 @@ class L2Norm(ViTCompressor):
     summary = "keep the units with the largest mean feature norm (example third-party plugin)"
     granularity = "unit"
     Config = L2NormConfig
-    tested_adapters = ("qwen2_vl", "internvl")
 
     def after_block(self, i: int, tokens: VisionTokens, ctx: VisionContext) -> VisionTokens:
         if i != self.config.layer or self.config.is_noop_budget:

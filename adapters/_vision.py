@@ -32,7 +32,7 @@ from torch import Tensor
 from tokcomp.errors import AdapterError
 from tokcomp.tokens import BlockVariant, VisionContext, VisionLayout, VisionTokens
 
-from ._hf import attn_impl, is_flash
+from ._hf import is_flash
 
 #: ``attend(q [1, H, n, d], k [1, H, m, d], v [1, H, m, d], mask [1, 1, 1, m] float | None) -> [1, n, H, d]``:
 #: one dense, non-causal attention call (e.g. a closure over transformers' ``ALL_ATTENTION_FUNCTIONS`` entry).
@@ -40,26 +40,6 @@ AttendFn = Callable[[Tensor, Tensor, Tensor, "Tensor | None"], Tensor]
 #: ``attend_varlen(q [1, H, N, d], k [1, H, M, d], v, cu_q int32[S+1], cu_k int32[S+1], max_q, max_k)
 #: -> [1, N, H, d]``: one packed varlen call (flash-attention), segments given by cumulative lengths.
 VarlenFn = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, int, int], Tensor]
-
-
-# ------------------------------------------------------------------------------------------------------
-# what a vision-driving adapter can serve
-# ------------------------------------------------------------------------------------------------------
-def check_vision_strategy(adapter: str, vision, tower_config, tower_name: str = "the vision tower") -> None:
-    """Refuse, before any forward, a vision compressor this adapter family cannot serve: a granularity other than
-    patch/unit, attention rows or keys from the tower (block variants get head-averaged keys through
-    ``BlockVariant.mid`` instead), or an attention bias on a flash-attention tower."""
-    if vision.granularity not in ("patch", "unit"):
-        raise AdapterError(f"vision strategy {vision.name!r} declares granularity {vision.granularity!r}; "
-                           f"the {adapter} adapter serves 'patch' or 'unit' vision compressors")
-    if vision.needs_attention_rows or vision.needs_keys:
-        raise AdapterError(f"vision strategy {vision.name!r} needs attention rows / keys from the vision "
-                           f"tower, which the {adapter} adapter does not provide (block variants get "
-                           "head-averaged keys through BlockVariant.mid)")
-    if not vision.flash_compatible and is_flash(tower_config):
-        raise AdapterError(f"vision strategy {vision.name!r} is not flash-attention compatible (it needs an "
-                           f"attention bias) but {tower_name} runs {attn_impl(tower_config)!r}. Fix: "
-                           "model.set_attn_implementation({'vision_config': 'sdpa'})")
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -35,7 +35,6 @@ from tokcomp.session import ForwardRecord
 
 from . import _hf as hf
 from ._internvl_vision import VisionEngine
-from ._vision import check_vision_strategy
 from ._llm import LLMEngine
 from ._repack import Repacked, left_repack, token_keep_mask
 from ._spans import visual_spans
@@ -66,8 +65,8 @@ class InternVLAdapter(Adapter):
 
     name = "internvl"
     model_classes = ("InternVLForConditionalGeneration",)
-    provides = ("vision.tokens", "vision.block", "vision.output", "llm.visual_spans", "llm.after_layer",
-                "llm.attention_rows")
+    provides = frozenset({"vision.blocks", "vision.unit", "vision.patch", "llm.layers", "llm.attention_rows",
+                          "llm.keys"})
 
     @classmethod
     def supports(cls, model) -> bool:
@@ -105,10 +104,12 @@ class InternVLAdapter(Adapter):
         feats = out.pooler_output
         return feats.reshape(-1, feats.shape[-1])
 
+    def attention_implementation(self, stage: str) -> str | None:
+        return hf.attn_impl(self.tower.config if stage == "vision" else self.lm.config)
+
     def check(self, vision, llm) -> None:
         cfg = self.model.config
         if vision is not None:
-            check_vision_strategy(self.name, vision, self.tower.config, "InternViT")
             if cfg.vision_feature_layer != -1 or cfg.vision_feature_select_strategy != "default":
                 raise AdapterError("the internvl adapter compresses the last InternViT layer's tokens; this model "
                                    f"reads vision_feature_layer={cfg.vision_feature_layer!r} with "

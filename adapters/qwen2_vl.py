@@ -34,7 +34,7 @@ from . import _hf as hf
 from ._qwen_layout import QwenVisionMeta, block_segments, initial_tokens, qwen_vision_meta
 from ._llm import LLMEngine
 from ._repack import Repacked, left_repack, token_keep_mask
-from ._vision import (BlockOps, Finished, VisionRun, check_vision_strategy, cu_seqlens_of, is_flash,
+from ._vision import (BlockOps, Finished, VisionRun, cu_seqlens_of, is_flash,
                       run_block_variant)
 from ._spans import visual_spans
 
@@ -126,8 +126,8 @@ class Qwen2VLAdapter(Adapter):
 
     name = "qwen2_vl"
     model_classes = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
-    provides = ("vision.tokens", "vision.block", "vision.output", "llm.visual_spans", "llm.after_layer",
-                "llm.attention_rows")
+    provides = frozenset({"vision.blocks", "vision.unit", "vision.patch", "llm.layers", "llm.attention_rows",
+                          "llm.keys"})
 
     @classmethod
     def supports(cls, model) -> bool:
@@ -151,9 +151,8 @@ class Qwen2VLAdapter(Adapter):
     def depths(self) -> dict[str, int]:
         return {"vision": len(self.visual.blocks), "llm": len(self.lm.layers)}
 
-    def check(self, vision, llm) -> None:
-        if vision is not None:
-            check_vision_strategy(self.name, vision, self.visual.config)
+    def attention_implementation(self, stage: str) -> str | None:
+        return hf.attn_impl(self.visual.config if stage == "vision" else self.lm.config)
 
     def attach(self, session) -> None:
         self.session = session

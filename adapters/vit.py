@@ -26,6 +26,7 @@ from tokcomp.adapter import Adapter
 from tokcomp.errors import AdapterError
 from tokcomp.hookspecs import hookimpl
 
+from . import _hf as hf
 from ._vit_engine import Parts, ViTEngine, block_ops
 from ._vit_restore import grid_layout, grid_tokens, patch_owner, restore_full_grid, update_sources
 
@@ -100,7 +101,7 @@ class ViTEncoderAdapter(Adapter):
 
     name = "vit"
     model_classes = tuple(c for _, c, _ in _ENCODERS)
-    provides = ("vision.tokens", "vision.block", "vision.output")
+    provides = frozenset({"vision.blocks", "vision.unit", "vision.patch"})
 
     def __init__(self, model) -> None:
         super().__init__(model)
@@ -115,10 +116,8 @@ class ViTEncoderAdapter(Adapter):
     def depths(self) -> dict[str, int]:
         return {"vision": len(self.parts.layers), "llm": 0}
 
-    def check(self, vision, llm) -> None:
-        if llm is not None:
-            raise AdapterError(f"{llm.name!r} is an LLM pruner, but plain ViT encoders have no language model "
-                               f"({type(self.model).__name__}); use a vision compressor (vision=...) only")
+    def attention_implementation(self, stage: str) -> str | None:
+        return hf.attn_impl(self.parts.config) if stage == "vision" else None
 
     def attach(self, session) -> None:
         self.session = session

@@ -78,6 +78,7 @@ def toy_tokens(h: torch.Tensor, layout: VisionLayout) -> VisionTokens:
 class ToyAdapter(Adapter):
     name = "toy"
     model_classes = ("ToyVLM",)
+    provides = frozenset({"vision.blocks", "vision.unit", "vision.patch", "llm.layers"})   # no attention rows / keys
 
     @classmethod
     def supports(cls, model) -> bool:
@@ -85,11 +86,6 @@ class ToyAdapter(Adapter):
 
     def depths(self):
         return {"vision": len(self.model.visual.blocks), "llm": len(self.model.llm)}
-
-    def check(self, vision, llm):
-        for s in (vision, llm):
-            if s is not None and (s.needs_attention_rows or s.needs_keys):
-                raise AdapterError(f"the toy adapter cannot serve {s.name!r}: it provides no attention rows or keys")
 
     def attach(self, session):
         self.session, v, tower = session, session.vision, self.model.visual

@@ -67,6 +67,40 @@ class Surgery:
             raise AdapterError(f"restoring the model raised {len(errors)} error(s); first: {errors[0]!r}")
 
 
+#: what an adapter can provide, and what a strategy's ``requires()`` may ask for
+CAPABILITIES = {
+    "vision.blocks": "a vision tower whose blocks the adapter drives",
+    "vision.unit": "unit-granularity output (whole LLM tokens dropped or merged, prompts re-packed)",
+    "vision.patch": "patch-granularity output (the full grid restored before the merger)",
+    "vision.attention_rows": "attention rows from the vision tower",
+    "vision.keys": "keys from the vision tower",
+    "llm.layers": "a language model (decoder layers to prune between)",
+    "llm.attention_rows": "attention rows from the language model",
+    "llm.keys": "keys from the language model",
+}
+
+
+def check_capabilities(adapter: "Adapter", strategy) -> None:
+    """Refuse, before any forward, a strategy whose needs the adapter does not provide, or a strategy that cannot
+    run with flash-attention on a stage that runs it."""
+    from tokcomp.adapters._hf import is_flash
+    missing = sorted(strategy.requires() - frozenset(adapter.provides))
+    kind = "an LLM pruner" if strategy.stage == "llm" else "a vision compressor"
+    model = type(adapter.model).__name__
+    if missing:
+        needs = "; ".join(CAPABILITIES.get(m, f"{m.partition('.')[2]}-granularity output") for m in missing)
+        raise AdapterError(f"{strategy.name!r} is {kind} that needs {needs} ({', '.join(missing)}), which the "
+                           f"{adapter.name!r} adapter for {model} does not provide. Fix: choose a strategy that "
+                           f"`tokcomp list` shows as running on {adapter.name!r}")
+    impl = adapter.attention_implementation(strategy.stage)
+    if impl is not None and not strategy.flash_ok() and is_flash(impl):
+        config = "vision_config" if strategy.stage == "vision" else "text_config"
+        raise AdapterError(f"{strategy.spec!r} is not flash-attention compatible (it needs an additive attention "
+                           f"bias or a full attention matrix) but the {strategy.stage} stage of {model} runs "
+                           f"{impl!r}. Fix: model.set_attn_implementation({{{config!r}: 'sdpa'}}), or a "
+                           "flash-compatible config (e.g. tome(prop_attn=false))")
+
+
 class Adapter:
     """Base class of architecture adapters (see the module docstring for the protocol)."""
 
@@ -74,8 +108,9 @@ class Adapter:
     name: ClassVar[str] = ""
     #: model class names it supports, for listings and error messages
     model_classes: ClassVar[tuple[str, ...]] = ()
-    #: hook points it provides, for `tokcomp list` and docs
-    provides: ClassVar[tuple[str, ...]] = ()
+    #: capabilities it provides; the session checks them against every strategy's ``requires()`` before any
+    #: forward (see :data:`CAPABILITIES`)
+    provides: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, model) -> None:
         self.model = model
@@ -91,7 +126,12 @@ class Adapter:
         raise NotImplementedError
 
     def check(self, vision, llm) -> None:
-        """Raise :class:`AdapterError` if this adapter cannot serve the strategies' declared needs."""
+        """Raise :class:`AdapterError` for model-specific limits (capabilities and flash compatibility are checked
+        by the session from ``provides`` and :meth:`attention_implementation`)."""
+
+    def attention_implementation(self, stage: str) -> str | None:
+        """The attention implementation ``stage`` ("vision" / "llm") runs (None: unknown or absent)."""
+        return None
 
     def attach(self, session) -> None:
         """Add every hook the pair needs, through ``self.surgery``."""

@@ -25,14 +25,14 @@ def _flags(cls) -> str:
 def cmd_list(args) -> int:
     from tokcomp.registry import default_registry
     reg = default_registry()
-    rows = [("name", "stage", "granularity", "flags", "tested adapters", "paper")]
+    rows = [("name", "stage", "granularity", "flags", "runs on", "paper")]
     for c in reg.strategies(args.stage):
-        rows.append((c.name, c.stage, c.granularity, _flags(c), ",".join(c.tested_adapters), c.paper or "-"))
+        rows.append((c.name, c.stage, c.granularity, _flags(c), ",".join(reg.runs_on(c)) or "-", c.paper or "-"))
     _table(rows)
     print()
-    rows = [("adapter", "models", "hook points")]
+    rows = [("adapter", "models", "provides")]
     for a in reg.adapters():
-        rows.append((a.name, ", ".join(a.model_classes), ", ".join(a.provides) or "-"))
+        rows.append((a.name, ", ".join(a.model_classes), ", ".join(sorted(a.provides)) or "-"))
     _table(rows)
     for name, why in reg.failed.items():
         print(f"\n! plugin {name!r} failed to load: {why}")

@@ -14,6 +14,14 @@ from tokcomp import hookspecs
 from tokcomp.errors import AdapterError, ConfigError, UnknownStrategyError
 
 ENTRY_POINT_GROUP = "tokcomp"
+#: the built-in strategies and adapters, registered in code before any entry point (datasette's DEFAULT_PLUGINS):
+#: a source checkout needs no install, and a new built-in is one file plus one line here
+DEFAULT_PLUGINS = (
+    "tokcomp.plugins.baselines", "tokcomp.plugins.ipcv", "tokcomp.plugins.tome", "tokcomp.plugins.tofu",
+    "tokcomp.plugins.dart_vit", "tokcomp.plugins.luvc_oim", "tokcomp.plugins.fastv", "tokcomp.plugins.dart",
+    "tokcomp.plugins.v2drop", "tokcomp.plugins.sparsevlm", "tokcomp.plugins.luvc_spu",
+    "tokcomp.adapters.qwen2_vl", "tokcomp.adapters.internvl", "tokcomp.adapters.vit",
+)
 #: names that mean "no strategy for this stage" in specs
 NONE_NAMES = ("none",)
 
@@ -37,21 +45,22 @@ class Registry:
 
     # -- loading ------------------------------------------------------------------------------------------
     @classmethod
-    def load(cls, group: str = ENTRY_POINT_GROUP, extra_plugins: tuple = ()) -> "Registry":
-        """Register every plugin of the entry-point ``group`` (plus ``extra_plugins``) and run their hooks.
+    def load(cls, group: str = ENTRY_POINT_GROUP, extra_plugins: tuple = (),
+             builtins: tuple[str, ...] = DEFAULT_PLUGINS) -> "Registry":
+        """Register the built-ins (:data:`DEFAULT_PLUGINS`, in code), then every plugin of the entry-point ``group``
+        (third parties), plus ``extra_plugins``, and run their registration hooks.
 
         A plugin whose import fails is skipped with a warning naming it; every other plugin still loads."""
+        import importlib
         reg = cls()
+        for module in builtins:
+            plugin = reg._import(module, lambda: importlib.import_module(module), "built-in")
+            if plugin is not None and not reg.pm.is_registered(plugin):
+                reg.pm.register(plugin, name=module)
         for ep in sorted(md.entry_points(group=group), key=lambda e: (e.dist.name if e.dist else "", e.name)):
-            try:
-                plugin = ep.load()
-            except Exception as exc:  # noqa: BLE001 - any import failure of a plugin must not break the rest
-                dist = ep.dist.name if ep.dist else "?"
-                reg.failed[ep.name] = f"{type(exc).__name__}: {exc}"
-                warnings.warn(f"tokcomp plugin {ep.name!r} (distribution {dist!r}, {ep.value}) failed to import "
-                              f"and was skipped: {type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=2)
-                continue
-            if reg.pm.is_registered(plugin) or reg.pm.get_plugin(ep.name) is not None:
+            dist = ep.dist.name if ep.dist else "?"
+            plugin = reg._import(ep.name, ep.load, f"distribution {dist!r}, {ep.value}")
+            if plugin is None or reg.pm.is_registered(plugin) or reg.pm.get_plugin(ep.name) is not None:
                 continue
             reg.pm.register(plugin, name=ep.name)
         for p in extra_plugins:
@@ -59,6 +68,16 @@ class Registry:
         reg.pm.check_pending()
         reg.pm.hook.tokcomp_register(registry=reg)
         return reg
+
+    def _import(self, name: str, load, origin: str):
+        """``load()`` or, if it raises, None with a warning naming the plugin (the other plugins still load)."""
+        try:
+            return load()
+        except Exception as exc:  # noqa: BLE001 - any import failure of a plugin must not break the rest
+            self.failed[name] = f"{type(exc).__name__}: {exc}"
+            warnings.warn(f"tokcomp plugin {name!r} ({origin}) failed to import and was skipped: "
+                          f"{type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=3)
+            return None
 
     def register_plugin(self, plugin: Any, name: str | None = None) -> None:
         """Register one more plugin object/module after loading and run its registration hook."""
@@ -145,6 +164,11 @@ class Registry:
         """Registered adapter classes, sorted by name."""
         return [c for _, c in sorted(self._adapters.items())]
 
+    def runs_on(self, strategy: type) -> list[str]:
+        """Names of the adapters that provide every capability ``strategy`` requires."""
+        need = strategy.requires()
+        return [a.name for a in self.adapters() if need <= frozenset(a.provides)]
+
     def resolve_adapter(self, model: Any) -> type:
         """The adapter class for ``model`` (``tokcomp_resolve_adapter`` hook first, then ``supports``)."""
         found = self.pm.hook.tokcomp_resolve_adapter(model=model, registry=self)
@@ -162,11 +186,7 @@ class Registry:
 @functools.lru_cache(maxsize=1)
 def default_registry() -> Registry:
     """The registry of every installed plugin (loaded once, on first use)."""
-    reg = Registry.load()
-    if not reg._strategies:
-        raise ConfigError("no tokcomp strategies are registered: the package is not installed, so its entry points "
-                          "are missing. Fix: `pip install -e .` in the repository (or `pip install tokcomp`).")
-    return reg
+    return Registry.load()
 
 
 def list_strategies(stage: str | None = None, pattern: str = "*") -> list[type]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from tokcomp.adapter import check_capabilities
 from tokcomp.adapters._hf import check_version
 from tokcomp.errors import ConfigError, SessionError
 from tokcomp.spec import Pair, parse_spec
@@ -147,7 +148,10 @@ class Session:
         adapter_cls = self.registry.resolve_adapter(model)
         check_version()                             # warns once outside the tested transformers range
         self.adapter = adapter_cls(model)
-        self.adapter.check(pair.vision, pair.llm)   # needs first: "no language model" beats "layer out of range"
+        for s in (pair.vision, pair.llm):             # needs first: "no language model" beats "layer out of range"
+            if s is not None:
+                check_capabilities(self.adapter, s)
+        self.adapter.check(pair.vision, pair.llm)
         depths = self.adapter.depths()
         for s in (pair.vision, pair.llm):
             if s is not None:

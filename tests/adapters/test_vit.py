@@ -182,11 +182,23 @@ def test_llm_pruner_is_refused(enc):
     kind, model = enc
     adapter = ViTEncoderAdapter(model)
     assert adapter.depths() == {"vision": 4, "llm": 0}
-    with pytest.raises(AdapterError, match="no language model"):
-        adapter.check(None, tokcomp.get("random", stage="llm", keep_ratio=0.5))
-    with pytest.raises(TokcompError):
+    with pytest.raises(AdapterError, match="is an LLM pruner that needs a language model .* 'vit' adapter"):
         tokcomp.compress(model, llm=tokcomp.get("random", stage="llm", keep_ratio=0.5))
     assert _hooks(model) == 0
+
+
+class _NeedsTowerRows(ViTCompressor):
+    name = "needs_tower_rows_test"
+    needs_attention_rows = True
+
+
+def test_capabilities_are_checked_alike_on_every_adapter(enc, tiny_vlm_factory):
+    """One check in the session, from what the strategy needs and what the adapter provides: a vision compressor
+    that needs attention rows from the tower is refused on the vit adapter exactly as on the VLM adapters."""
+    kind, model = enc
+    for m in (model, tiny_vlm_factory("tiny-qwen2-vl").model, tiny_vlm_factory("tiny-internvl").model):
+        with pytest.raises(AdapterError, match="needs .*attention rows from the vision tower"):
+            tokcomp.compress(m, vision=_NeedsTowerRows(keep_ratio=0.5))
 
 
 def test_resolution_and_refusals(enc):

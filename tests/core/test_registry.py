@@ -1,5 +1,8 @@
 import importlib.metadata as md
+import subprocess
+import sys
 import types
+from pathlib import Path
 
 import pluggy
 import pytest
@@ -7,7 +10,7 @@ import pytest
 from tokcomp.config import StrategyConfig
 from tokcomp.errors import AdapterError, ConfigError
 from tokcomp.hookspecs import hookimpl
-from tokcomp.registry import Registry
+from tokcomp.registry import DEFAULT_PLUGINS, Registry
 from tokcomp.strategy import ViTCompressor
 
 
@@ -25,12 +28,31 @@ def _plugin(*classes):
     return P()
 
 
-def test_builtins_are_registered_through_the_entry_point_group():
-    eps = {ep.name: ep.value for ep in md.entry_points(group="tokcomp") if ep.dist and ep.dist.name == "tokcomp"}
-    assert eps["baselines"] == "tokcomp.plugins.baselines"
-    reg = Registry.load()
-    assert reg.pm.get_plugin("baselines") is not None
-    assert {c.name for c in reg.strategies()} >= {"random", "pool"}
+def test_builtins_are_registered_in_code_and_entry_points_are_for_third_parties():
+    eps = [ep for ep in md.entry_points(group="tokcomp") if ep.dist and ep.dist.name == "tokcomp"]
+    assert eps == []                                   # built-ins need no install-time metadata
+    reg = Registry.load(group="tokcomp-test-empty")    # no entry point at all: every built-in is still there
+    assert all(reg.pm.get_plugin(m) is not None for m in DEFAULT_PLUGINS)
+    assert {c.name for c in reg.strategies()} >= {"random", "pool", "ipcv", "fastv", "dart"}
+    assert {a.name for a in reg.adapters()} >= {"qwen2_vl", "internvl", "vit"}
+
+
+def test_a_source_checkout_without_install_has_every_builtin():
+    """plugins/ and adapters/ beside tokcomp/ are served as tokcomp.plugins / tokcomp.adapters with no install
+    (the editable install's finder is removed, the checkout put first on sys.path)."""
+    root = Path(__file__).resolve().parents[2]
+    code = ("import sys\n"
+            "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]\n"
+            f"sys.path.insert(0, {str(root)!r})\n"
+            "for m in [m for m in sys.modules if m.startswith('tokcomp')]: del sys.modules[m]\n"
+            "import warnings; warnings.simplefilter('ignore')\n"
+            "import tokcomp\n"
+            "r = tokcomp.default_registry()\n"
+            "print(tokcomp.__file__, len(r.strategies()), sorted(a.name for a in r.adapters()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout
+    path, n, adapters = out.split(" ", 2)
+    assert path == str(root / "tokcomp" / "__init__.py") and int(n) >= 13
+    assert adapters.strip() == "['internvl', 'qwen2_vl', 'vit']"
 
 
 def test_two_plugins_registering_one_name_name_both_distributions():

@@ -113,7 +113,8 @@ def test_needs_the_adapter_cannot_meet_are_refused(registry):
     class NeedsRows(LLMPruner):
         name = "needs_rows"
         needs_attention_rows = True
-    with pytest.raises(AdapterError, match="cannot serve 'needs_rows'"):
+    with pytest.raises(AdapterError, match="'needs_rows' is an LLM pruner that needs attention rows from the "
+                                           "language model .* 'toy' adapter for ToyVLM does not provide"):
         tokcomp.compress(_model(), llm=NeedsRows(keep_ratio=0.5), registry=registry)
 
 

@@ -19,11 +19,11 @@ from tokcomp.adapters import _hf as hf
 from tokcomp.errors import AdapterError
 from tokcomp.strategy import ViTCompressor
 from tokcomp.tokens import BlockVariant, VisionTokens
-from tokcomp.testing import default_images, make_inputs, make_video_inputs
+from tokcomp.testing import default_images, make_inputs, make_video_inputs, matrix
 
 torch.set_num_threads(1)
 
-MODELS = ["tiny-qwen2-vl", "tiny-qwen2.5-vl"]
+MODELS = matrix.presets("qwen2_vl")
 
 
 @pytest.fixture(params=MODELS)

@@ -22,8 +22,9 @@ from tokcomp.adapters import _hf as hf
 from tokcomp.errors import AdapterError
 from tokcomp.testing import default_images, make_inputs
 from tokcomp.testing import invariants as inv
+from tokcomp.testing import matrix
 
-FAMILIES = ["tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-internvl"]
+FAMILIES = matrix.presets()
 REPO = Path(__file__).resolve().parents[2]
 
 

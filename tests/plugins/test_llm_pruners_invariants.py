@@ -1,5 +1,5 @@
-"""The adapter invariant matrix for the five LLM pruners (DART, FastV, V²Drop, SparseVLM, LUVC-SPU) on the tiny
-models, alone and composed with every built-in vision compressor.
+"""The adapter invariant matrix for every registered LLM pruner (drawn from the registry with its example configs)
+on every tiny preset, alone and composed with every registered vision compressor.
 
 Truths: the unmodified model (keep_ratio=1.0, restore on exit), the same prompt alone (batch rows), a no-cache
 recompute (cached decoding). FastV, DART and SparseVLM rank visual tokens with the prompt's TEXT (last token, text
@@ -14,32 +14,34 @@ import pytest
 import torch
 
 import tokcomp
-from llm_fakes import layer_counts_from_plan  # noqa: I001 (tests/ is on sys.path)
-from tokcomp.ops.schedule import achieved_counts
+from llm_fakes import planned_counts  # noqa: I001 (tests/ is on sys.path)
 from tokcomp.run import extend_inputs
 from tokcomp.strategy import LLMPruner
 from tokcomp.testing import invariants as inv
+from tokcomp.testing import matrix
 from tokcomp.tokens import LLMStep, Selection
 
 torch.set_num_threads(1)
 
-PRUNERS = ["fastv", "dart", "v2drop", "sparsevlm", "luvc_spu"]
-TEXT_CONDITIONED = {"fastv", "dart", "sparsevlm"}
-MODELS = ["tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-internvl"]
-VISION = ["random", "pool", "ipcv", "tome", "tofu", "dart_vit", "luvc_oim"]  # built-in vision compressors
-FAMILY = {"tiny-qwen2-vl": "qwen2_vl", "tiny-qwen2.5-vl": "qwen2_vl", "tiny-internvl": "internvl"}
+MODELS = matrix.presets()
+#: (class, example config) of every registered LLM pruner / vision compressor
+PRUNERS = [(c, ex) for c in matrix.strategies("llm") for ex in c.examples]
+VISION = [(c, c.examples[0]) for c in matrix.strategies("vision")]
+FIRST = [(c, c.examples[0]) for c in matrix.strategies("llm")]
 
 
-def _vision_available(name: str, model: str) -> bool:
-    reg = tokcomp.default_registry()
-    if "vision" not in reg.stages_of(name):
-        return False
-    return FAMILY[model] in reg.strategy_class(name, "vision").tested_adapters
+def _id(case) -> str:
+    return matrix.spec_part(*case)
 
 
-def _skip_unavailable(vision: str | None, model: str) -> None:
-    if vision is not None and not _vision_available(vision, model):
-        pytest.skip(f"vision compressor {vision!r} is not registered or not tested on {FAMILY[model]}")
+def _runs_on(case, model: str) -> bool:
+    return matrix.family(model) in tokcomp.default_registry().runs_on(case[0])
+
+
+def text_conditioned(cls) -> bool:
+    """Ranks with the prompt's text (attention rows or keys): a longer recompute may legitimately choose
+    differently, so its recompute replays the prefill's selection."""
+    return cls.needs_attention_rows or cls.needs_keys
 
 
 class Replay(LLMPruner):
@@ -109,32 +111,34 @@ def check_cached_matches_recompute(vlm, vision: str | None, pruner: LLMPruner, r
     assert torch.equal(allowed.argmax(-1), seq[:, -new_tokens:])
 
 
-#: extra vision arguments the 4-block tiny towers need (IPCV's InternVL3 default prune_layer=7 does not fit)
-VISION_ARGS = {"ipcv": "prune_layer=2,"}
+def _vision(vision, ratio: float) -> str | None:
+    return None if vision is None else matrix.spec_part(*vision, keep_ratio=ratio)
 
 
-def _vision(vision: str | None, ratio: float) -> str | None:
-    return None if vision is None else f"{vision}({VISION_ARGS.get(vision, '')}keep_ratio={ratio})"
+def _spec(vision, pruner, ratio: float) -> str:
+    return f"{_vision(vision, ratio) or 'none'}+{matrix.spec_part(*pruner, keep_ratio=ratio)}"
 
 
-def _spec(vision: str | None, pruner: str, ratio: float) -> str:
-    return f"{_vision(vision, ratio) or 'none'}+{pruner}(keep_ratio={ratio})"
+def _pruner(pruner, ratio: float = 0.5):
+    return pruner[0](**pruner[1], keep_ratio=ratio)
 
 
-def _cached(vlm, vision: str | None, pruner: str, ratio: float = 0.5) -> None:
-    check_cached_matches_recompute(vlm, _vision(vision, ratio), tokcomp.get(pruner, keep_ratio=ratio),
-                                   replay=pruner in TEXT_CONDITIONED)
+def _cached(vlm, vision, pruner, ratio: float = 0.5) -> None:
+    check_cached_matches_recompute(vlm, _vision(vision, ratio), _pruner(pruner, ratio),
+                                   replay=text_conditioned(pruner[0]))
+
+
+def _alone_params():
+    return [pytest.param(m, p, id=f"{_id(p)}-{m}") for p in PRUNERS for m in MODELS if _runs_on(p, m)]
 
 
 # ------------------------------------------------------------------------------------------------ alone
-@pytest.mark.parametrize("model", MODELS)
-@pytest.mark.parametrize("pruner", PRUNERS)
+@pytest.mark.parametrize("model,pruner", _alone_params())
 def test_alone_keep_one_is_identity(tiny_vlm_factory, model, pruner):
     inv.check_keep_one_is_identity(tiny_vlm_factory(model), _spec(None, pruner, 1.0))
 
 
-@pytest.mark.parametrize("model", MODELS)
-@pytest.mark.parametrize("pruner", PRUNERS)
+@pytest.mark.parametrize("model,pruner", _alone_params())
 def test_alone_prunes_restores_decodes_and_rows_match(tiny_vlm_factory, model, pruner):
     vlm = tiny_vlm_factory(model)
     spec = _spec(None, pruner, 0.5)
@@ -146,18 +150,14 @@ def test_alone_prunes_restores_decodes_and_rows_match(tiny_vlm_factory, model, p
     assert counts[n_layers - 1][0] < counts[0][0], counts
     p = s.llm                                               # achieved counts == the pruner's own schedule
     for b, n in enumerate(counts[0]):
-        if hasattr(p, "plan"):
-            want = layer_counts_from_plan(p, n, n_layers)
-        else:
-            want = achieved_counts(n, [p.config.layer], [p.config.keep_count(n) if n else 0], n_layers)
-        assert [counts[i][b] for i in range(n_layers)] == want, (b, counts)
+        assert [counts[i][b] for i in range(n_layers)] == planned_counts(p, n, n_layers), (b, counts)
     inv.check_restores_model(vlm, spec)
     _cached(vlm, None, pruner)
     inv.check_rows_match_alone(vlm, spec)
 
 
 @pytest.mark.parametrize("model", ["tiny-qwen2-vl", "tiny-internvl"])
-@pytest.mark.parametrize("pruner", ["fastv", "dart", "sparsevlm"])
+@pytest.mark.parametrize("pruner", [p for p in FIRST if text_conditioned(p[0])], ids=_id)
 def test_alone_eager_attention(tiny_vlm_factory, model, pruner):
     vlm = tiny_vlm_factory(model, attn="eager")
     _cached(vlm, None, pruner)
@@ -180,27 +180,26 @@ def test_sparsevlm_several_recycled_clusters(tiny_vlm_factory, model):
     inv.check_rows_match_alone(vlm, spec)
 
 
-@pytest.mark.parametrize("pruner", PRUNERS)
+@pytest.mark.parametrize("pruner", FIRST, ids=_id)
 def test_video_and_image_in_one_prompt(tiny_vlm_factory, pruner):
     """A Qwen2-VL prompt with an image and a 4-frame video (t=2 temporal grid): both spans are the row's visual
     tokens, the achieved counts follow the schedule, cached decoding equals the recompute."""
     from tokcomp.testing import default_images, make_video_inputs
     vlm = tiny_vlm_factory("tiny-qwen2-vl")
     inputs = make_video_inputs(vlm, frames=4, size=(56, 84), images=[default_images()[3]])
-    p = tokcomp.get(pruner, keep_ratio=0.4)
+    p = _pruner(pruner, 0.4)
     with tokcomp.compress(vlm.model, llm=p) as s:
         with torch.no_grad():
             vlm.model(**inputs)
         counts = s.report.last.llm_layers
     n, n_layers = counts[0][0], len(counts)
-    want = (layer_counts_from_plan(p, n, n_layers) if hasattr(p, "plan")
-            else achieved_counts(n, [p.config.layer], [p.config.keep_count(n)], n_layers))
+    want = planned_counts(p, n, n_layers)
     assert [counts[i][0] for i in range(n_layers)] == want and want[-1] < n
-    check_cached_matches_recompute(vlm, None, tokcomp.get(pruner, keep_ratio=0.4), pruner in TEXT_CONDITIONED,
-                                   new_tokens=3, inputs=inputs)
+    check_cached_matches_recompute(vlm, None, _pruner(pruner, 0.4), text_conditioned(pruner[0]), new_tokens=3,
+                                   inputs=inputs)
 
 
-@pytest.mark.parametrize("pruner", PRUNERS)
+@pytest.mark.parametrize("pruner", FIRST, ids=_id)
 def test_alone_exception_text_only_static_cache(tiny_vlm_factory, pruner):
     vlm = tiny_vlm_factory("tiny-qwen2-vl")
     spec = _spec(None, pruner, 0.5)
@@ -212,19 +211,28 @@ def test_alone_exception_text_only_static_cache(tiny_vlm_factory, pruner):
 # ------------------------------------------------------------------------------------------------ composed
 # Every (pruner, vision) pair runs on one family, alternating, so each pruner and each vision compressor meets
 # both the Qwen2-VL and the InternVL adapter while the suite stays fast (the alone tests cover all three models).
-PAIRS = [pytest.param(p, v, ("tiny-qwen2-vl", "tiny-internvl")[(i + j) % 2], id=f"{v}+{p}")
-         for i, p in enumerate(PRUNERS) for j, v in enumerate(VISION)]
+def _pairs():
+    out, k = [], 0
+    for p in FIRST:
+        for v in VISION:
+            models = [m for m in matrix.presets() if _runs_on(p, m) and _runs_on(v, m)]
+            if models:
+                m = models[k % len(models)]
+                k += 1
+                out.append(pytest.param(p, v, m, id=f"{_id(v)}+{_id(p)}-{m}"))
+    return out
+
+
+PAIRS = _pairs()
 
 
 @pytest.mark.parametrize("pruner,vision,model", PAIRS)
 def test_composed_keep_one_is_identity(tiny_vlm_factory, model, vision, pruner):
-    _skip_unavailable(vision, model)
     inv.check_keep_one_is_identity(tiny_vlm_factory(model), _spec(vision, pruner, 1.0), new_tokens=2)
 
 
 @pytest.mark.parametrize("pruner,vision,model", PAIRS)
 def test_composed_restores_decodes_and_rows_match(tiny_vlm_factory, model, vision, pruner):
-    _skip_unavailable(vision, model)
     vlm = tiny_vlm_factory(model)
     inv.check_restores_model(vlm, _spec(vision, pruner, 0.5), new_tokens=2)
     _cached(vlm, vision, pruner)

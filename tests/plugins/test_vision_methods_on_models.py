@@ -14,11 +14,14 @@ from tokcomp.errors import ConfigError
 from tokcomp.plugins.luvc_oim import grid_after, steps_for
 from tokcomp.testing import Video, default_images, make_inputs, procedural_video
 from tokcomp.testing import invariants as inv
+from tokcomp.testing import matrix
 
 torch.set_num_threads(1)
 
-MODELS = ["tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-internvl"]
-# the tiny towers have 4 blocks: IPCV's InternVL default (prune before block 7) does not fit, so set it here
+MODELS = matrix.presets()
+#: every registered vision compressor with its first example config (the registry is the list)
+VISION = {c.name: c for c in matrix.strategies("vision")}
+#: the methods whose achieved counts test_report_counts_per_image derives by hand
 METHODS = {"ipcv": "ipcv(keep_ratio={r},prune_layer=2)", "tome": "tome(keep_ratio={r})",
            "tofu": "tofu(keep_ratio={r})", "dart_vit": "dart_vit(keep_ratio={r},layer=1)",
            "luvc_oim": "luvc_oim(keep_ratio={r})"}
@@ -26,7 +29,14 @@ LLM = "random(keep_ratio=0.5)"
 
 
 def _spec(method: str, r: float, llm: str | None = None) -> str:
-    return METHODS[method].format(r=r) + "+" + (llm or "none")
+    cls = VISION[method]
+    return matrix.spec_part(cls, cls.examples[0], keep_ratio=r) + "+" + (llm or "none")
+
+
+def _cases(models=None):
+    reg = tokcomp.default_registry()
+    return [pytest.param(m, name, id=f"{m}-{name}") for name, cls in VISION.items() for m in (models or MODELS)
+            if matrix.family(m) in reg.runs_on(cls)]
 
 
 @pytest.fixture(params=MODELS)
@@ -37,28 +47,30 @@ def vlm(request, tiny_vlm_factory):
 # ------------------------------------------------------------------------------------------------------
 # the invariant matrix
 # ------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("method", list(METHODS))
-def test_keep_one_is_identity(vlm, method):
+@pytest.mark.parametrize("model,method", _cases())
+def test_keep_one_is_identity(tiny_vlm_factory, model, method):
+    vlm = tiny_vlm_factory(model)
     inv.check_keep_one_is_identity(vlm, _spec(method, 1.0))
     inv.check_keep_one_is_identity(vlm, _spec(method, 1.0, "random(keep_ratio=1.0)"))
 
 
 @pytest.mark.parametrize("llm", [None, LLM])
-@pytest.mark.parametrize("method", list(METHODS))
-def test_invariants_at_half_budget(vlm, method, llm):
+@pytest.mark.parametrize("model,method", _cases())
+def test_invariants_at_half_budget(tiny_vlm_factory, model, method, llm):
+    vlm = tiny_vlm_factory(model)
     spec = _spec(method, 0.5, llm)
     inv.check_restores_model(vlm, spec)
     inv.check_rows_match_alone(vlm, spec)
     inv.check_cached_decoding_matches_recompute(vlm, spec)
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("method", list(VISION))
 def test_restores_after_exception(tiny_vlm_factory, method):
     inv.check_restores_after_exception(tiny_vlm_factory("tiny-qwen2.5-vl"), _spec(method, 0.5, LLM))
 
 
 @pytest.mark.parametrize("name", ["tiny-qwen2-vl", "tiny-qwen2.5-vl"])
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("method", list(VISION))
 def test_video_next_to_images(tiny_vlm_factory, name, method):
     """A video row (each frame its own ViT segment) next to an image row and a text-only row."""
     vlm = tiny_vlm_factory(name)

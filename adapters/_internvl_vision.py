@@ -6,22 +6,22 @@ absolute position embeddings already added, no mask). Pixel shuffle then concate
 ``(i, j)`` of the ``(g/2) x (g/2)`` output raster; these blocks are the *units*. Unit ids follow the placeholder
 order: tile-major, then the output raster. Segments are tiles (the thumbnail is an ordinary tile).
 
-Everything here is driven by forward (pre-)hooks that :class:`VisionEngine` registers through the adapter's
-``Surgery``; per-call state lives on the engine (created per session), never on modules.
+Everything here is driven by forward (pre-)hooks that :class:`InternVLVision` registers through the adapter's
+``Surgery`` (the block loop is the shared :class:`~adapters._tower.HookedTower`); per-call state lives on that
+object (created per session), never on modules.
 """
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from tokcomp.errors import AdapterError
-from tokcomp.session import ForwardRecord
-from tokcomp.tokens import BlockVariant, VisionLayout, VisionTokens
+from tokcomp.tokens import VisionLayout, VisionTokens
 
 from . import _hf as hf
-from ._vision import BlockOps, VisionRun, run_block_variant, tower_order
+from ._tower import HookedTower
+from ._vision import BlockOps, check_prefix, to_grid
+from ._vlm import VisionResult
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -78,49 +78,6 @@ def tile_tokens(hidden: Tensor, grid: int) -> VisionTokens:
         origin=torch.arange(T * n1, device=dev), cls=cls1.repeat(T), rope=None)
 
 
-def check_cls(tokens: VisionTokens, n_tiles: int, where: str) -> None:
-    """Raise AdapterError unless every tile still has exactly its CLS token."""
-    seg = tokens.segment[tokens.cls]
-    if seg.numel() != n_tiles or not bool((torch.sort(seg).values == torch.arange(n_tiles, device=seg.device)).all()):
-        raise AdapterError(f"InternVL: the CLS token of every tile must be kept ({where}); the strategy returned "
-                           f"{seg.numel()} CLS tokens for {n_tiles} tiles. Fix the strategy: never drop or merge "
-                           "tokens with cls=True.")
-
-
-def finish_to_grid(tokens: VisionTokens, layout: VisionLayout, granularity: str, name: str) -> tuple[Tensor, Tensor]:
-    """Validate a strategy's ``finish`` output and scatter it back to the full token grid.
-
-    Returns ``(full[N, C], kept[U] bool)``: every token at its origin (dropped units are zero rows) and which
-    units are present. ``patch``: every original token exactly once. ``unit``: whole units (each present unit
-    with exactly its 4 patches) plus every CLS."""
-    N, dev = layout.n_tokens, tokens.hidden.device
-    n_tiles = layout.n_segments
-    check_cls(tokens, n_tiles, "after finish")
-    kept = torch.zeros(layout.n_units, dtype=torch.bool)
-    origin = tokens.origin
-    if granularity == "patch":
-        ok = origin.numel() == N and bool((torch.sort(origin).values == torch.arange(N, device=origin.device)).all())
-        if not ok:
-            raise AdapterError(f"{name}: a patch-granularity compressor must return every original token exactly "
-                               f"once from finish() (the full grid restored before pixel shuffle); got "
-                               f"{origin.numel()} tokens for {N}.")
-        kept[:] = True
-    else:
-        try:
-            ids, rows = tokens.units()
-        except ValueError as exc:
-            raise AdapterError(f"{name}: a unit-granularity compressor must keep whole 2x2 units ({exc})") from None
-        want = layout.unit_patches.to(origin.device)[ids] if ids.numel() else rows
-        if (rows.shape[-1] != 4 and ids.numel()) or not torch.equal(origin[rows], want) \
-                or torch.unique(ids).numel() != ids.numel() or tokens.n != ids.numel() * 4 + n_tiles:
-            raise AdapterError(f"{name}: finish() must return whole units (each present unit with exactly its 4 "
-                               "patches, TL/TR/BL/BR) plus every tile's CLS token, each once.")
-        kept[ids.cpu()] = True
-    full = tokens.hidden.new_zeros(N, tokens.hidden.shape[-1])
-    full[origin.to(dev)] = tokens.hidden
-    return full, kept
-
-
 # ------------------------------------------------------------------------------------------------------
 # the block as parts (for adapters/_vision.run_block_variant)
 # ------------------------------------------------------------------------------------------------------
@@ -162,141 +119,117 @@ def block_ops(layer, impl: str) -> BlockOps:
 
 
 # ------------------------------------------------------------------------------------------------------
-# the per-session engine (hooks)
+# the per-session vision side (hooks)
 # ------------------------------------------------------------------------------------------------------
-class VisionEngine:
-    """Drives a ViTCompressor through InternViT with hooks; one per session.
+class InternVLVision:
+    """Drives a ViTCompressor through InternViT (also the tower's :class:`~adapters._tower.TowerIO`).
 
-    Hooks (through ``surgery``): a pre-hook on ``vision_tower.encoder`` builds the layout and the full token set
-    from the embeddings and calls ``start``; a pre-hook on every layer substitutes the current token set (the
-    native layer runs on ``[T, K, C]`` when every tile has the same count K and no variant is asked for, else
-    the block runs here on any per-tile counts and the native layer gets a ``[1, 1, C]`` dummy); a forward hook
-    on every layer calls ``after_block``; after the last layer ``finish`` runs, its output is validated and
-    scattered back to the full ``[T, 1 + g*g, C]`` grid (zero rows at dropped units) so the model's pixel
-    shuffle still works. For unit strategies that dropped units, a pre-hook on ``multi_modal_projector`` projects
-    only the kept units (``[1, U', 4C]``) and its forward hook scatters them back to ``[T, (g/2)^2, D]``.
-
-    After a call, :attr:`last_kept` (BoolTensor[U], CPU, placeholder order) and :attr:`last_record` (the call's
-    achieved counts; ``vision_out`` per tile) tell the adapter which placeholders survive.
+    The native layer runs on ``[T, K, C]`` whenever every tile holds the same count K and no variant is asked
+    for; otherwise the block runs here on any per-tile counts and the native layer gets a ``[1, 1, C]`` dummy. After
+    the last layer ``finish`` is validated and scattered back to the full ``[T, 1 + g*g, C]`` grid (zero rows at
+    dropped units) so the model's pixel shuffle still works; for unit strategies that dropped units the projector
+    runs on the kept units only (``[1, U', 4C]``) and its output is scattered back to ``[T, (g/2)^2, D]``. The
+    projector's forward hook hands the call (features, kept units, counts) to the adapter.
     """
 
-    def __init__(self, adapter, strategy, family: str = "internvl"):
-        self.adapter, self.strategy, self.family = adapter, strategy, family
+    def __init__(self, adapter, strategy):
+        self.adapter, self.strategy = adapter, strategy
         self.tower = adapter.model.model.vision_tower
-        self.layers = list(self.tower.encoder.layer)
         self.projector = adapter.model.model.multi_modal_projector
-        self.run: VisionRun | None = None          # the vision call in flight
-        self.call: dict[str, Any] = {}
-        self.project: Tensor | None = None         # kept unit ids awaiting the projector
-        self.last_kept: Tensor | None = None
-        self.last_record: ForwardRecord | None = None
+        self.driver = HookedTower(self.tower.encoder.layer, self, strategy, adapter.name, step=self._step)
+        self.n1 = 0                                    # tokens per tile (1 + g*g) of the call in flight
+        self.kept: Tensor | None = None
+        self.call = None                               # the finished tower call, until the projector ran
+        self._per_tile: tuple | None = None
 
     def attach(self, surgery) -> None:
         surgery.pre_hook(self.tower, self._tower_pre)
-        surgery.pre_hook(self.tower.encoder, self._encoder_pre)
-        for i, layer in enumerate(self.layers):
-            surgery.pre_hook(layer, lambda m, a, k, i=i: self._layer_pre(i, m, a, k))
-            surgery.post_hook(layer, lambda m, a, k, out, i=i: self._layer_post(i, out))
+        self.driver.attach(surgery)
         surgery.pre_hook(self.projector, self._projector_pre)
         surgery.post_hook(self.projector, self._projector_post)
 
     def _impl(self) -> str:
         return hf.attn_impl(self.tower.config) or "eager"
 
-    # -- hooks ------------------------------------------------------------------------------------------
     def _tower_pre(self, mod, args, kw):
         if kw.get("bool_masked_pos") is not None:
             raise AdapterError("InternVL adapter: bool_masked_pos (masked image modelling) is not supported inside "
                                "a compression session")
         # get_image_features passes output_hidden_states=vision_feature_layer (-1) to select what it reads
-        if kw.get("output_hidden_states") is True or kw.get("output_attentions"):
+        if self.strategy.name != "none" and (kw.get("output_hidden_states") is True or kw.get("output_attentions")):
             raise AdapterError("InternVL adapter: the vision tower's hidden_states / attentions are not available "
                                "while a vision compressor changes its token set; call the tower outside the session")
-        self.run, self.call, self.project = None, {}, None
+        self.kept, self.call, self._per_tile = None, None, None
         return None
 
-    def _encoder_pre(self, mod, args, kw):
+    def _step(self, fn, tokens: VisionTokens, where: str) -> VisionTokens:
+        out = fn(tokens)
+        if out.cls is not tokens.cls:
+            check_prefix(out, self.driver.call.run.layout.n_segments, 1, where, self.strategy.name)
+        return out
+
+    # -- TowerIO --------------------------------------------------------------------------------------------
+    def begin(self, args, kw):
         emb = args[0] if args else kw["hidden_states"]                 # [T, 1 + g*g, C]
-        T, n1, _ = emb.shape
-        g = int(round((n1 - 1) ** 0.5))
-        layout = tile_layout(T, g)
-        self.run = VisionRun(self.strategy, layout, len(self.layers), self.family)
-        self.run.start(tile_tokens(emb, g))
-        check_cls(self.run.tokens, T, "after start")
-        self.call = dict(n1=n1, record=ForwardRecord(vision_in=layout.n_tokens), native=False)
-        return None
+        T, self.n1, _ = emb.shape
+        g = int(round((self.n1 - 1) ** 0.5))
+        return tile_layout(T, g), tile_tokens(emb, g)
 
-    def _layer_pre(self, i, mod, args, kw):
-        run = self.run
-        if run is None:
-            raise AdapterError("InternVL adapter: a vision layer ran outside a vision-tower call; call "
-                               "model.model.vision_tower(...) (or get_image_features) as a whole")
-        tokens = run.tokens                                             # tower order: tiles are contiguous
-        variant = run.variant(i)
-        T = run.layout.n_segments
-        run.record_block(i, tokens.segment, None if variant is None or variant.extra_kv is None
-                         else variant.extra_kv.segment,
-                         None if variant is None or variant.mlp_on is None else variant.mlp_on.numel())
-        if variant is None and (K := self._per_tile(tokens, T)):
-            self.call["native"] = True
-            return (tokens.hidden.reshape(T, K, tokens.hidden.shape[-1]),), kw
-        self.call["native"] = False
-        run.stash = run_block_variant(block_ops(mod, self._impl()), tokens, variant or BlockVariant(),
-                                      tokens.segment, None if variant is None or variant.extra_kv is None
-                                      else variant.extra_kv.segment)
-        return (tokens.hidden[:1][None],), kw                          # [1, 1, C]: the native call costs ~0
+    def segments(self, i, tokens):
+        return tokens.segment
 
-    def _per_tile(self, tokens: VisionTokens, T: int) -> int:
-        """K if every tile holds K tokens, else 0 (memoised per token set: one host sync per change)."""
-        memo = self.call.get("per_tile")
-        if memo is not None and memo[0] is tokens.segment:
-            return memo[1]
-        counts = torch.bincount(tokens.segment, minlength=T)
-        K = int(counts[0]) if bool((counts == counts[0]).all()) else 0
-        self.call["per_tile"] = (tokens.segment, K)
-        return K
+    def native(self, i, tokens, q_seg, args, kw):
+        T = self.driver.call.run.layout.n_segments
+        memo = self._per_tile
+        if memo is None or memo[0] is not tokens.segment:             # one host sync per token-set change
+            counts = torch.bincount(tokens.segment, minlength=T)
+            memo = self._per_tile = (tokens.segment, int(counts[0]) if bool((counts == counts[0]).all()) else 0)
+        if not memo[1]:
+            return None
+        return (tokens.hidden.reshape(T, memo[1], tokens.hidden.shape[-1]), *args[1:]), kw
 
-    def _layer_post(self, i, out):
-        run = self.run
-        before = run.tokens
-        if self.call["native"]:
-            tokens = before.with_hidden(out.reshape(-1, out.shape[-1]))
-        else:
-            tokens, run.stash = tower_order(run.stash), None           # mid() may have reordered
-        tokens = run.after_block(i, tokens)
-        if tokens.cls is not before.cls:
-            check_cls(tokens, run.layout.n_segments, f"after block {i}")
-        self.call["record"].vision_blocks[i] = tokens.n
-        if i < len(self.layers) - 1:
-            return out
-        return self._finish()
+    def dummy(self, i, tokens, args, kw):
+        return (tokens.hidden[:1][None], *args[1:]), kw                # [1, 1, C]: the native call costs ~0
 
-    def _finish(self) -> Tensor:
-        run, st = self.run, self.call
+    def read(self, out, tokens):
+        return out.reshape(-1, out.shape[-1])
+
+    def ops(self, i, block):
+        return block_ops(block, self._impl())
+
+    def after_last(self, driver, out):
+        done = driver.finish()
+        run = driver.call.run
         layout = run.layout
-        tokens = self.strategy.finish(run.tokens, run.ctx)
-        full, kept = finish_to_grid(tokens, layout, self.strategy.granularity, self.strategy.name)
-        T = layout.n_segments
-        st["record"].vision_out = kept.view(T, -1).sum(1).tolist()
-        st["record"].vision_block_runs = dict(run.block_runs)
-        self.adapter.session.report.vision.append(st["record"])
-        self.last_kept, self.last_record = kept, st["record"]
-        self.project = None if bool(kept.all()) else kept.nonzero()[:, 0]
-        self.run = None
-        return full.view(T, st["n1"], -1)
+        self.call = driver.end()
+        if not run.changed:
+            self.call.record.vision_out = [layout.n_units // layout.n_segments] * layout.n_segments
+            return None
+        check_prefix(done.tokens, layout.n_segments, 1, "after finish", self.strategy.name)
+        full, kept = to_grid(done, layout)
+        self.call.record.vision_out = kept.view(layout.n_segments, -1).sum(1).tolist()
+        self.kept = None if bool(kept.all()) else kept
+        return full.view(layout.n_segments, self.n1, -1)
 
+    # -- projector ------------------------------------------------------------------------------------------
     def _projector_pre(self, mod, args, kw):
-        if self.project is None:
+        if self.kept is None:
             return None
         x = args[0]                                                     # [T, n, 4C] after pixel shuffle
-        self.call["shape"] = x.shape
-        return (x.reshape(-1, x.shape[-1])[self.project.to(x.device)][None],), kw   # [1, U', 4C]
+        keep = self.kept.nonzero()[:, 0].to(x.device)
+        return (x.reshape(-1, x.shape[-1])[keep][None], *args[1:]), kw   # [1, U', 4C]
 
     def _projector_post(self, mod, args, kw, out):
-        if self.project is None:
+        call, self.call = self.call, None
+        if call is None:
             return None
-        T, n, _ = self.call["shape"]
-        full = out.new_zeros(T * n, out.shape[-1])
-        full[self.project.to(out.device)] = out[0]
-        self.project = None
-        return full.view(T, n, -1)
+        T = call.run.layout.n_segments
+        n = call.run.layout.n_units // T
+        if self.kept is not None:
+            full = out.new_zeros(T * n, out.shape[-1])
+            full[self.kept.nonzero()[:, 0].to(out.device)] = out[0]
+            out = full.view(T, n, -1)
+        side = int(round(n ** 0.5))
+        self.adapter.vision_done(VisionResult(features=out, sizes=[n] * T, kept=self.kept, record=call.record,
+                                              grids=[(1, side, side)] * T))
+        return out if self.kept is not None else None

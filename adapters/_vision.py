@@ -32,7 +32,6 @@ from torch import Tensor
 from tokcomp.errors import AdapterError
 from tokcomp.tokens import BlockVariant, VisionContext, VisionLayout, VisionTokens
 
-from ._hf import is_flash
 
 #: ``attend(q [1, H, n, d], k [1, H, m, d], v [1, H, m, d], mask [1, 1, 1, m] float | None) -> [1, n, H, d]``:
 #: one dense, non-causal attention call (e.g. a closure over transformers' ``ALL_ATTENTION_FUNCTIONS`` entry).
@@ -311,6 +310,29 @@ def check_finish(tokens: VisionTokens, layout: VisionLayout, granularity: str, s
     return Finished(tokens, ids, rows)
 
 
+def check_prefix(tokens: VisionTokens, n_segments: int, per_segment: int, where: str, strategy: str) -> None:
+    """Raise :class:`AdapterError` unless every segment still holds exactly its ``per_segment`` prefix tokens (CLS,
+    registers: ``cls=True``), which strategies must never drop or merge."""
+    have = torch.bincount(tokens.segment[tokens.cls], minlength=n_segments)
+    if have.numel() != n_segments or not bool((have == per_segment).all()):
+        raise AdapterError(f"the CLS / register tokens of every image or tile must be kept ({where}): strategy "
+                           f"{strategy!r} returned {int(have.sum())} of {n_segments * per_segment}. Fix the strategy: "
+                           "never drop or merge tokens with cls=True.")
+
+
+def to_grid(done: Finished, layout: VisionLayout) -> tuple[Tensor, Tensor]:
+    """A validated ``finish`` output on the full token grid: ``(full Tensor[N, C] with every token at its origin and
+    zero rows at dropped units, kept BoolTensor[U] (CPU) present units)``."""
+    tokens = done.tokens
+    kept = torch.ones(layout.n_units, dtype=torch.bool)
+    if done.units is not None:
+        kept = torch.zeros(layout.n_units, dtype=torch.bool)
+        kept[done.units.cpu()] = True
+    full = tokens.hidden.new_zeros(layout.n_tokens, tokens.hidden.shape[-1])
+    full[tokens.origin.to(full.device)] = tokens.hidden
+    return full, kept
+
+
 # ------------------------------------------------------------------------------------------------------
 # the per-call driver
 # ------------------------------------------------------------------------------------------------------
@@ -338,6 +360,7 @@ class VisionRun:
         self.changed = False
         #: ``{block: (q tokens per attention segment, kv tokens per segment, MLP tokens)}`` for the FLOPs model
         self.block_runs: dict[int, tuple[list[int], list[int], int]] = {}
+        self._record_memo: tuple | None = None
 
     @property
     def layout(self) -> VisionLayout:
@@ -370,6 +393,10 @@ class VisionRun:
     def record_block(self, i: int, q_seg: Tensor, kv_seg: Tensor | None = None, mlp: int | None = None) -> None:
         """Record what block ``i`` ran on: segment ids (tower order, contiguous runs) of its queries and of its
         extra key/value tokens, and the number of tokens whose MLP ran (default: every query)."""
+        memo = self._record_memo
+        if kv_seg is None and mlp is None and memo is not None and memo[0] is q_seg:
+            self.block_runs[i] = memo[1]                   # an unchanged token set: no host sync per block
+            return
         q = torch.unique_consecutive(q_seg, return_counts=True)
         qc = dict(zip(q[0].tolist(), q[1].tolist()))
         kc = dict(qc)
@@ -379,6 +406,8 @@ class VisionRun:
         keys = sorted(set(qc) | set(kc))
         self.block_runs[i] = ([qc.get(k, 0) for k in keys], [kc.get(k, 0) for k in keys],
                               sum(qc.values()) if mlp is None else int(mlp))
+        if kv_seg is None and mlp is None:
+            self._record_memo = (q_seg, self.block_runs[i])
 
     def finish(self) -> Finished:
         """``strategy.finish`` then :func:`check_finish` with the strategy's granularity."""

@@ -16,18 +16,18 @@ Hooks (all through the adapter's ``Surgery``; state lives on the engine, never o
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
 from tokcomp.errors import AdapterError
-from tokcomp.session import ForwardRecord
 from tokcomp.tokens import BlockVariant, VisionLayout, VisionTokens
 
 from . import _hf as hf
-from ._vision import BlockOps, VisionRun, run_block_variant
+from ._tower import HookedTower
+from ._vision import BlockOps, check_prefix, to_grid
 from ._vit_restore import (RULES, gradient_destinations, grid_layout, grid_tokens, initial_sources, restore_full_grid,
                            update_sources)
 
@@ -100,20 +100,6 @@ def block_ops(layer, kind: str, impl: str) -> BlockOps:
 # the engine
 # ------------------------------------------------------------------------------------------------------
 @dataclass
-class _Call:
-    """State of one encoder call."""
-
-    grid: tuple[int, int] | None = None
-    run: VisionRun | None = None
-    layout: VisionLayout | None = None
-    shape: tuple[int, int] = (0, 0)                   # (B, P + h*w)
-    native: bool = False
-    sources: Tensor | None = None
-    record: ForwardRecord = field(default_factory=ForwardRecord)
-    blocks: list[dict] = field(default_factory=list)
-
-
-@dataclass
 class Parts:
     """Where a plain-ViT encoder keeps its pieces (found by the adapter)."""
 
@@ -127,20 +113,34 @@ class Parts:
 
 
 class ViTEngine:
-    """Drives a ViTCompressor through a plain ViT encoder with hooks; one per session.
+    """Drives a ViTCompressor through a plain ViT encoder (also its :class:`~adapters._tower.TowerIO`); one per
+    session. The block loop is the shared :class:`~adapters._tower.HookedTower`.
+
+    Args:
+        adapter: the adapter (its ``session.report`` gets the records unless ``on_done`` is given).
+        strategy: the ViTCompressor.
+        parts: the encoder's pieces.
+        blocks: the layers to drive (default: all; LLaVA: up to its feature layer).
+        rule: how the output grid is restored after ``finish`` for unit strategies: ``"sources"`` (merged patches
+            copy their merge destination, pruned ones the nearest present token), ``"nearest"``, or ``"zeros"``
+            (zero rows at dropped units: a VLM then drops their features).
+        on_done: ``on_done(call, kept)`` receives each finished call (its record; ``kept`` BoolTensor[U] units).
 
     After every call: :attr:`last_tokens` (the reduced set ``finish`` returned, before restoration),
     :attr:`last_kept` (the token set the last block ran on), :attr:`last_sources` (LongTensor[N], see
-    :func:`~adapters._vit_restore.update_sources`; None for patch granularity), :attr:`last_layout` and
+    :func:`~adapters._vit_restore.update_sources`; None unless tracked), :attr:`last_layout` and
     :attr:`last_blocks` (per block: query tokens ``q`` and key/value tokens ``kv`` per image, tokens whose MLP ran
     ``mlp``; what an analytic FLOPs count needs).
-    :attr:`rule` picks the restoration rule for unit strategies (``"sources"`` or ``"nearest"``).
     """
 
-    def __init__(self, adapter, strategy, parts: Parts, family: str = "vit"):
+    def __init__(self, adapter, strategy, parts: Parts, family: str = "vit", blocks=None, rule: str = "sources",
+                 on_done: Callable | None = None):
         self.adapter, self.strategy, self.parts, self.family = adapter, strategy, parts, family
-        self.rule = "sources"
-        self.call = _Call()
+        self.rule, self.on_done = rule, on_done
+        self.driver = HookedTower(parts.layers if blocks is None else blocks, self, strategy, family, step=self._step)
+        self.grid: tuple[int, int] | None = None
+        self.shape: tuple[int, int] = (0, 0)          # (B, P + h*w) of the call in flight
+        self.sources: Tensor | None = None
         self.last_tokens: VisionTokens | None = None
         self.last_kept: VisionTokens | None = None
         self.last_sources: Tensor | None = None
@@ -156,9 +156,7 @@ class ViTEngine:
         p = self.parts
         surgery.pre_hook(p.tower, self._tower_pre)
         surgery.pre_hook(p.embeddings, self._embeddings_pre)
-        for i, layer in enumerate(p.layers):
-            surgery.pre_hook(layer, lambda m, a, k, i=i: self._layer_pre(i, m, a, k))
-            surgery.post_hook(layer, lambda m, a, k, out, i=i: self._layer_post(i, out))
+        self.driver.attach(surgery)
 
     def _impl(self) -> str:
         return hf.attn_impl(self.parts.config) or "eager"
@@ -171,102 +169,108 @@ class ViTEngine:
         if kw.get("attention_mask") is not None:
             raise AdapterError("ViT adapter: an attention_mask cannot follow a changing token set; call the "
                                "encoder without attention_mask inside a compression session")
-        if kw.get("output_hidden_states") or kw.get("output_attentions"):
+        if self.rule != "zeros" and (kw.get("output_hidden_states") or kw.get("output_attentions")):
             raise AdapterError("ViT adapter: per-layer hidden_states / attentions are not available while a vision "
                                "compressor changes the token set; call the model outside the session for them")
-        self.call = _Call()
+        self.grid, self.sources = None, None
         return None
 
     def _embeddings_pre(self, mod, args, kw):
         px = args[0] if args else kw.get("pixel_values")
         ph, pw = self.parts.patch_size
-        self.call.grid = (int(px.shape[-2]) // ph, int(px.shape[-1]) // pw)
+        self.grid = (int(px.shape[-2]) // ph, int(px.shape[-1]) // pw)
         return None
 
-    def _layer_pre(self, i, mod, args, kw):
-        call = self.call
-        hidden = args[0] if args else kw["hidden_states"]
-        if i == 0:
-            self._begin(hidden)
-        run = call.run
-        if run is None:
-            raise AdapterError("ViT adapter: an encoder layer ran outside a call of the whole model; call the model "
-                               "(pixel_values -> outputs) as a whole inside a compression session")
-        tokens = run.tokens
-        variant = run.variant(i)
-        B = call.shape[0]
-        counts = torch.bincount(tokens.segment, minlength=B)
-        q = counts.tolist()
-        if variant is None and bool((counts == counts[0]).all()):
-            call.native = True
-            new = tokens.hidden.reshape(B, int(counts[0]), tokens.hidden.shape[-1])
-            call.blocks.append({"q": q, "kv": q, "mlp": tokens.n})
-        else:
-            call.native = False
-            variant = self._tracked(variant or BlockVariant())
-            extra = None if variant.extra_kv is None else variant.extra_kv.segment
-            run.stash = run_block_variant(block_ops(mod, self.parts.kind, self._impl()), tokens, variant,
-                                          tokens.segment, extra)
-            kv = q if extra is None else (counts + torch.bincount(extra.to(counts.device), minlength=B)).tolist()
-            mlp = run.stash.n if variant.mlp_on is None else int(variant.mlp_on.numel())
-            call.blocks.append({"q": q, "kv": kv, "mlp": mlp})
-            new = tokens.hidden[:1][None]                                  # [1, 1, C]: the native call costs ~0
-        if args:
-            return (new,) + tuple(args[1:]), kw
-        return args, {**kw, "hidden_states": new}
-
-    def _layer_post(self, i, out):
-        call, run = self.call, self.call.run
-        if call.native:
-            tokens = run.tokens.with_hidden(out.reshape(-1, out.shape[-1]))
-        else:
-            tokens, run.stash = run.stash, None
-        after = self._step(lambda t: run.after_block(i, t), tokens, f"after block {i}")
-        call.record.vision_blocks[i] = after.n
-        if i < len(self.parts.layers) - 1:
-            return out
-        return self._finish(out)
-
-    # -- steps ------------------------------------------------------------------------------------------
-    def _begin(self, hidden: Tensor) -> None:
-        call, p = self.call, self.parts
-        if call.grid is None:
+    # -- TowerIO --------------------------------------------------------------------------------------------
+    def begin(self, args, kw):
+        p = self.parts
+        if self.grid is None:
             raise AdapterError("ViT adapter: the embeddings did not run before the first layer; call the model "
                                "(pixel_values -> outputs) as a whole inside a compression session")
+        hidden = args[0] if args else kw["hidden_states"]
         B, n1, _ = hidden.shape
-        h, w = call.grid
+        h, w = self.grid
         if n1 != p.n_prefix + h * w:
             raise AdapterError(f"ViT adapter: the first layer got {n1} tokens per image; expected {p.n_prefix} prefix "
                                f"+ {h}x{w} patches from the pixel size")
         layout = grid_layout(B, h, w, p.n_prefix)
-        call.layout, call.shape = layout, (B, n1)
-        call.record = ForwardRecord(vision_in=layout.n_tokens)
-        call.run = VisionRun(self.strategy, layout, len(p.layers), self.family)
-        full = grid_tokens(hidden, h, w, p.n_prefix)
-        call.sources = initial_sources(layout.n_tokens, hidden.device) if self.tracks else None
-        self._step(call.run.start, full, "after start")
+        self.shape = (B, n1)
+        self.sources = initial_sources(layout.n_tokens, hidden.device) if self.tracks else None
+        return layout, grid_tokens(hidden, h, w, p.n_prefix)
 
-    def _tracked(self, variant: BlockVariant) -> BlockVariant:
+    def segments(self, i, tokens):
+        return tokens.segment
+
+    def native(self, i, tokens, q_seg, args, kw):
+        B = self.shape[0]
+        counts = torch.bincount(tokens.segment, minlength=B)
+        if not bool((counts == counts[0]).all()):
+            return None
+        return self._feed(tokens.hidden.reshape(B, int(counts[0]), tokens.hidden.shape[-1]), args, kw)
+
+    def dummy(self, i, tokens, args, kw):
+        return self._feed(tokens.hidden[:1][None], args, kw)          # [1, 1, C]: the native call costs ~0
+
+    @staticmethod
+    def _feed(new: Tensor, args, kw):
+        if args:
+            return (new,) + tuple(args[1:]), kw
+        return args, {**kw, "hidden_states": new}
+
+    def read(self, out, tokens):
+        return out.reshape(-1, out.shape[-1])
+
+    def ops(self, i, block):
+        return block_ops(block, self.parts.kind, self._impl())
+
+    def adjust(self, variant: BlockVariant) -> BlockVariant:
         """``variant`` with its ``mid`` callback wrapped so merges made between attention and MLP are tracked."""
         if variant.mid is None or not self.tracks:
             return variant
         inner: Callable = variant.mid
 
         def mid(tokens: VisionTokens, keys: Tensor) -> VisionTokens:
-            return self._step(lambda t: inner(t, keys), tokens, "in a block's mid step", store=False)
+            return self._step(lambda t: inner(t, keys), tokens, "in a block's mid step")
         return replace(variant, mid=mid)
 
-    def _step(self, fn: Callable[[VisionTokens], VisionTokens], tokens: VisionTokens, where: str,
-              store: bool = True) -> VisionTokens:
+    def after_last(self, driver, out):
+        run = driver.call.run
+        before = run.tokens
+        done = driver.finish()
+        call = driver.end()
+        layout = run.layout
+        B, n1 = self.shape
+        kept = None
+        if self.strategy.granularity == "patch" or not run.changed:
+            full = done.tokens.hidden
+        elif self.rule == "zeros":
+            full, kept = to_grid(done, layout)
+        else:
+            if self.rule not in RULES:
+                raise AdapterError(f"ViT adapter: unknown restoration rule {self.rule!r}; use one of {RULES}")
+            full = restore_full_grid(done.tokens, layout, self.rule, self.sources)
+        body = done.tokens.segment[~done.tokens.cls]
+        call.record.vision_out = torch.bincount(body, minlength=B).tolist()
+        self.last_tokens, self.last_kept, self.last_layout = done.tokens, before, layout
+        self.last_sources = self.sources
+        self.last_blocks = [{"q": q, "kv": kv, "mlp": mlp} for _, (q, kv, mlp) in sorted(run.block_runs.items())]
+        if self.on_done is not None:
+            self.on_done(call, kept)
+        else:
+            self.adapter.session.report.vision.append(call.record)
+        if not run.changed:
+            return None
+        return full.reshape(B, n1, -1).to(out.dtype)
+
+    # -- one strategy step ----------------------------------------------------------------------------------
+    def _step(self, fn: Callable[[VisionTokens], VisionTokens], tokens: VisionTokens, where: str) -> VisionTokens:
         """Run one strategy step ``fn(tokens)``, check the prefix tokens, and carry the merge sources.
 
         With source tracking on and autograd off (an inference forward), the step runs on a leaf copy of the hidden
         states with autograd on, so :func:`gradient_destinations` can read where every vanished token went; the
-        result is detached. ``store``: the step went through :class:`VisionRun`, whose ``tokens`` are replaced by
-        the detached result."""
-        call = self.call
+        result is detached."""
         probe = None
-        if call.sources is not None and not torch.is_grad_enabled() and not torch.is_inference_mode_enabled() \
+        if self.sources is not None and not torch.is_grad_enabled() and not torch.is_inference_mode_enabled() \
                 and not tokens.hidden.is_inference() and tokens.hidden.is_floating_point():
             leaf = tokens.hidden.detach().requires_grad_(True)
             probe = tokens.with_hidden(leaf)
@@ -277,59 +281,15 @@ class ViTEngine:
         if after is probe:
             after = tokens
         elif probe is not None and after is not tokens:
-            vanished = self._vanished(tokens, after)
+            vanished = (~torch.isin(tokens.origin, after.origin.to(tokens.origin.device))).nonzero()[:, 0]
             dest = torch.full((tokens.n,), -1, dtype=torch.long, device=tokens.segment.device)
             if after.hidden.requires_grad and vanished.numel():
                 dest[vanished] = gradient_destinations(probe.hidden, after.hidden, vanished, tokens.segment,
                                                        after.segment)
             after = after.with_hidden(after.hidden.detach())
-            call.sources = update_sources(call.sources, tokens, after, dest)
-        elif call.sources is not None and after is not tokens:
-            call.sources = update_sources(call.sources, tokens, after)
-        if store and call.run is not None:
-            call.run.tokens = after
-        self._check_prefix(after, where)
+            self.sources = update_sources(self.sources, tokens, after, dest)
+        elif self.sources is not None and after is not tokens:
+            self.sources = update_sources(self.sources, tokens, after)
+        if after is not tokens and after.cls is not tokens.cls:
+            check_prefix(after, self.shape[0], self.parts.n_prefix, where, self.strategy.name)
         return after
-
-    @staticmethod
-    def _vanished(before: VisionTokens, after: VisionTokens) -> Tensor:
-        """LongTensor rows of ``before`` whose origin is not in ``after``."""
-        return (~torch.isin(before.origin, after.origin.to(before.origin.device))).nonzero()[:, 0]
-
-    def _check_prefix(self, after: VisionTokens, where: str) -> None:
-        n_prefix = int(after.cls.sum())
-        want = self.call.shape[0] * self.parts.n_prefix
-        if n_prefix != want:
-            raise AdapterError(f"ViT adapter: the CLS / register tokens must be kept ({where}); strategy "
-                               f"{self.strategy.name!r} returned {n_prefix} of {want}. Fix the strategy: never drop "
-                               "or merge tokens with cls=True.")
-
-    def _finish(self, out: Tensor) -> Tensor:
-        call, run = self.call, self.call.run
-        before = run.tokens
-        holder = {}
-
-        def finish(t: VisionTokens) -> VisionTokens:
-            run.tokens = t
-            holder["done"] = done = run.finish()
-            return done.tokens
-        fin = self._step(finish, before, "after finish", store=False)
-        done = replace(holder["done"], tokens=fin)
-        layout = call.layout
-        B, n1 = call.shape
-        if self.strategy.granularity == "patch":
-            full = done.tokens.hidden
-        else:
-            if self.rule not in RULES:
-                raise AdapterError(f"ViT adapter: unknown restoration rule {self.rule!r}; use one of {RULES}")
-            full = restore_full_grid(done.tokens, layout, self.rule, call.sources)
-        body = done.tokens.segment[~done.tokens.cls]
-        call.record.vision_out = torch.bincount(body, minlength=B).tolist()
-        self.adapter.session.report.vision.append(call.record)
-        self.last_tokens, self.last_kept, self.last_layout = done.tokens, before, layout
-        self.last_sources = call.sources
-        self.last_blocks = call.blocks
-        call.run = None
-        if not run.changed:
-            return out
-        return full.reshape(B, n1, -1).to(out.dtype)

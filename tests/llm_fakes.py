@@ -12,7 +12,6 @@ A row is a list of items: ``("t", n)`` n text tokens, ``("v", (t, h, w))`` an im
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 

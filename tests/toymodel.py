@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 from tokcomp.adapter import Adapter
-from tokcomp.errors import AdapterError
 from tokcomp.session import ForwardRecord
 from tokcomp.tokens import VisionContext, VisionLayout, VisionTokens
 

@@ -30,8 +30,10 @@ class Surgery:
     def pre_hook(self, module, fn, *, with_kwargs: bool = True) -> None:
         self._undo.append(module.register_forward_pre_hook(fn, with_kwargs=with_kwargs).remove)
 
-    def post_hook(self, module, fn, *, with_kwargs: bool = True) -> None:
-        self._undo.append(module.register_forward_hook(fn, with_kwargs=with_kwargs).remove)
+    def post_hook(self, module, fn, *, with_kwargs: bool = True, prepend: bool = False) -> None:
+        """A forward hook; ``prepend``: before hooks registered earlier (e.g. transformers' output capture, which
+        then records what this hook returns)."""
+        self._undo.append(module.register_forward_hook(fn, with_kwargs=with_kwargs, prepend=prepend).remove)
 
     def set_attr(self, obj: Any, name: str, value: Any) -> None:
         """``setattr`` that is reverted (or deleted if the attribute did not exist) on undo."""

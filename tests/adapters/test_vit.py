@@ -17,7 +17,7 @@ from tokcomp.adapters._vit_engine import block_ops
 from tokcomp.adapters._vit_restore import (grid_layout, grid_tokens, initial_sources, patch_owner,
                                            restore_full_grid, update_sources)
 from tokcomp.adapters.vit import ViTEncoderAdapter, find_parts
-from tokcomp.errors import AdapterError, TokcompError
+from tokcomp.errors import AdapterError
 from tokcomp.strategy import ViTCompressor
 from tokcomp.tokens import BlockVariant
 

@@ -32,3 +32,13 @@ def internvl_vision_dims(tower, projector) -> VisionDims:
     return VisionDims(width=width, heads=int(tower.config.num_attention_heads), mlp=layer.mlp.fc1.out_features,
                       mlp_mats=2, merger_in=projector.linear_1.in_features,
                       merger_hidden=projector.linear_1.out_features, out=projector.linear_2.out_features)
+
+
+def vit_vision_dims(parts, projector) -> VisionDims:
+    """A plain ViT tower (DINOv2 / ViT / CLIP / SigLIP: fc1/fc2 MLP) with LLaVA's projector Linear(C, D) -> GELU ->
+    Linear(D, D)."""
+    cfg = parts.config
+    mlp = next(m for n, m in parts.layers[0].named_modules() if n.endswith("fc1") or n.endswith("intermediate.dense"))
+    return VisionDims(width=int(cfg.hidden_size), heads=int(cfg.num_attention_heads), mlp=mlp.out_features,
+                      mlp_mats=2, merger_in=projector.linear_1.in_features,
+                      merger_hidden=projector.linear_1.out_features, out=projector.linear_2.out_features)

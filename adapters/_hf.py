@@ -101,11 +101,8 @@ def cache_kwargs(cache: Any) -> dict[str, Any]:
 
 def output_cache(output: Any) -> Any:
     """The cache a model output carries (``.cache`` or ``.past_key_values``), read without deprecation warnings."""
-    if isinstance(output, dict):
-        for name in _CACHE_NAMES:
-            cache = output.get(name)
-            if cache is not None:
-                return cache
+    if isinstance(output, dict):            # asking for the other name warns on 5.24
+        return output.get(cache_keyword())
     return None
 
 

@@ -356,6 +356,10 @@ class VLMAdapter(Adapter):
                 raise AdapterError("a unit-granularity vision strategy dropped visual tokens, which needs input_ids "
                                    "to re-pack the prompt; inputs_embeds alone are not supported")
             kw = self._repack_prompt(kw, mm, matched, dropped, info)
+        elif self.gappy_positions and self.engine.prune_at and kw.get("position_ids") is None:
+            am = kw.get("attention_mask")    # a padded row gets generate()'s positions, as when it runs alone, so
+            if am is not None and am.dim() == 2 and not bool(am.bool().all()):   # position-sensitive scores match
+                kw["position_ids"] = (am.long().cumsum(-1) - 1).masked_fill(am == 0, 1)
         self._prefill_record(kw, matched)
         return kw, info
 

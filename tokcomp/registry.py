@@ -20,7 +20,7 @@ DEFAULT_PLUGINS = (
     "tokcomp.plugins.baselines", "tokcomp.plugins.ipcv", "tokcomp.plugins.tome", "tokcomp.plugins.tofu",
     "tokcomp.plugins.dart_vit", "tokcomp.plugins.luvc_oim", "tokcomp.plugins.fastv", "tokcomp.plugins.dart",
     "tokcomp.plugins.v2drop", "tokcomp.plugins.sparsevlm", "tokcomp.plugins.luvc_spu",
-    "tokcomp.adapters.qwen2_vl", "tokcomp.adapters.internvl", "tokcomp.adapters.vit",
+    "tokcomp.adapters.qwen2_vl", "tokcomp.adapters.internvl", "tokcomp.adapters.llava", "tokcomp.adapters.vit",
 )
 #: names that mean "no strategy for this stage" in specs
 NONE_NAMES = ("none",)

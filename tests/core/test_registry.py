@@ -52,7 +52,7 @@ def test_a_source_checkout_without_install_has_every_builtin():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout
     path, n, adapters = out.split(" ", 2)
     assert path == str(root / "tokcomp" / "__init__.py") and int(n) >= 13
-    assert adapters.strip() == "['internvl', 'qwen2_vl', 'vit']"
+    assert adapters.strip() == "['internvl', 'llava', 'qwen2_vl', 'vit']"
 
 
 def test_two_plugins_registering_one_name_name_both_distributions():

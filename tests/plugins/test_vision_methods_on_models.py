@@ -91,6 +91,9 @@ def _segments_per_image(vlm, inputs) -> list[list[tuple[int, int]]]:
     """Per image, the unit grid (rows, cols) of each of its ViT segments (Qwen: the image; InternVL: its tiles)."""
     if vlm.family == "qwen2_vl":
         return [[(int(h) // 2, int(w) // 2)] for _, h, w in inputs["image_grid_thw"].tolist()]
+    if vlm.family == "llava":                    # one segment per image, one unit per patch
+        side = vlm.spec.image_size // vlm.spec.patch_size
+        return [[(side, side)] for _ in range(inputs["pixel_values"].shape[0])]
     seq = vlm.spec.image_seq_length
     side = int(round(seq ** 0.5))
     out = []
@@ -125,9 +128,11 @@ def test_report_counts_per_image(vlm, method, r):
     assert rec.vision_out == want
     if method == "ipcv":             # inside the tower: top-K patches per segment (+ CLS) after block prune_layer-1
         segs = [seg for image in _segments_per_image(vlm, inputs) for seg in image]
-        n_cls = len(segs) if vlm.family == "internvl" else 0
-        assert rec.vision_in == n_cls + sum(4 * h * w for h, w in segs) == rec.vision_blocks[0]
-        assert rec.vision_blocks[1] == n_cls + sum(_keep(4 * h * w, r) for h, w in segs) == rec.vision_blocks[3]
+        n_cls = len(segs) if vlm.family in ("internvl", "llava") else 0
+        u = 1 if vlm.family == "llava" else 4    # patches per LLM token
+        last = s.adapter.depths()["vision"] - 1
+        assert rec.vision_in == n_cls + sum(u * h * w for h, w in segs) == rec.vision_blocks[0]
+        assert rec.vision_blocks[1] == n_cls + sum(_keep(u * h * w, r) for h, w in segs) == rec.vision_blocks[last]
 
 
 def test_ipcv_family_defaults_through_the_adapters(tiny_vlm_factory):

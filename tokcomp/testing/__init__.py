@@ -26,6 +26,7 @@ _EXPORTS = {
     "InternVLImageOnlyProcessor": "models",
     # tokenizers
     "build_qwen_vl_tokenizer": "tokenizers",
+    "build_llava_tokenizer": "tokenizers",
     "build_internvl_tokenizer": "tokenizers",
     # images
     "IMAGE_KINDS": "images",

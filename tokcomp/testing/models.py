@@ -28,10 +28,14 @@ from typing import Any, Mapping
 
 import torch
 from transformers import (
+    CLIPImageProcessorPil,
     GotOcr2ImageProcessorPil,
     InternVLConfig,
     InternVLForConditionalGeneration,
     InternVLProcessor,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2_5_VLProcessor,
@@ -43,7 +47,7 @@ from transformers import (
 
 from tokcomp.adapters._hf import from_config
 
-from .tokenizers import build_internvl_tokenizer, build_qwen_vl_tokenizer
+from .tokenizers import build_internvl_tokenizer, build_llava_tokenizer, build_qwen_vl_tokenizer
 
 __all__ = [
     "PresetSpec",
@@ -56,7 +60,7 @@ __all__ = [
     "InternVLImageOnlyProcessor",
 ]
 
-_ARCH_TO_FAMILY = {"qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_vl", "internvl": "internvl"}
+_ARCH_TO_FAMILY = {"qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_vl", "internvl": "internvl", "llava": "llava"}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -92,7 +96,7 @@ class InternVLImageOnlyProcessor(InternVLProcessor):
 class PresetSpec:
     """Shape of one preset. Every field can be overridden by name through `build_model(name, field=value)`."""
 
-    arch: str  # "qwen2_vl" | "qwen2_5_vl" | "internvl"
+    arch: str  # "qwen2_vl" | "qwen2_5_vl" | "internvl" | "llava"
     description: str
     # vision tower (ViT width = `vision_width`; MLP width = vision_width * vision_mlp_ratio)
     vision_layers: int
@@ -126,10 +130,15 @@ class PresetSpec:
     downsample_ratio: float = 0.5
     vision_norm: str = "layer_norm"
     vision_qk_norm: bool = False
+    # LLaVA: a vision tower ("clip", "siglip": no CLS, features "full", or "dinov2") at image_size x image_size
+    # (square resize), features of vision_feature_layer
+    image_size: int = 84
+    vision_feature_layer: int = -2
+    llava_tower: str = "clip"
 
     @property
     def family(self) -> str:
-        """Adapter family: `"qwen2_vl"` (also for Qwen2.5-VL) or `"internvl"`."""
+        """Adapter family: `"qwen2_vl"` (also for Qwen2.5-VL), `"internvl"` or `"llava"`."""
         return _ARCH_TO_FAMILY[self.arch]
 
     @property
@@ -175,6 +184,12 @@ _PRESETS: dict[str, PresetSpec] = {
     "tiny-internvl": PresetSpec(
         arch="internvl",
         description="InternVL3-style, 56-px tiles (4 LLM tokens per tile, up to 4 tiles + thumbnail), 4 + 4 layers",
+        **_TINY_COMMON,
+    ),
+    "tiny-llava": PresetSpec(
+        arch="llava",
+        description="LLaVA-1.5 layout: CLIP tower at 84 px (36 patches, features of layer -2, CLS dropped), "
+        "2-layer MLP projector, Llama LLM; 4 + 4 layers",
         **_TINY_COMMON,
     ),
     "qwen2-vl-2b-shaped": PresetSpec(
@@ -336,7 +351,13 @@ def _resolve_spec(name: str, overrides: dict[str, Any]) -> PresetSpec:
 # --------------------------------------------------------------------------------------------------------------
 # Config / processor / model construction
 # --------------------------------------------------------------------------------------------------------------
+#: LLaVA vision towers of the tiny preset: ``llava_tower`` -> the vision config's model_type
+_LLAVA_TOWERS = {"clip": "clip_vision_model", "siglip": "siglip_vision_model", "dinov2": "dinov2"}
+
+
 def _tokenizer_for(spec: PresetSpec):
+    if spec.family == "llava":
+        return build_llava_tokenizer()
     return build_internvl_tokenizer() if spec.family == "internvl" else build_qwen_vl_tokenizer()
 
 
@@ -390,6 +411,20 @@ def _config_from_spec(spec: PresetSpec, tok):
         )
         return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=spec.tie_embeddings, **ids)
 
+    if spec.family == "llava":
+        vision = dict(
+            model_type=_LLAVA_TOWERS[spec.llava_tower], hidden_size=spec.vision_width,
+            num_hidden_layers=spec.vision_layers, num_attention_heads=spec.vision_heads,
+            intermediate_size=spec.vision_width * spec.vision_mlp_ratio, image_size=spec.image_size,
+            patch_size=spec.patch_size, initializer_range=vir,
+        )
+        return LlavaConfig(
+            vision_config=vision, text_config=dict(model_type="llama", **text),
+            image_token_id=tok.image_token_id, image_seq_length=(spec.image_size // spec.patch_size) ** 2,
+            projector_hidden_act="gelu", vision_feature_layer=spec.vision_feature_layer,
+            vision_feature_select_strategy="full" if spec.llava_tower == "siglip" else "default",
+            tie_word_embeddings=spec.tie_embeddings,
+        )
     vision = dict(
         hidden_size=spec.vision_width, num_hidden_layers=spec.vision_layers, num_attention_heads=spec.vision_heads,
         intermediate_size=spec.vision_width * spec.vision_mlp_ratio,
@@ -405,6 +440,12 @@ def _config_from_spec(spec: PresetSpec, tok):
 
 
 def _processor_from_spec(spec: PresetSpec, tok):
+    if spec.family == "llava":
+        ip = CLIPImageProcessorPil(size={"height": spec.image_size, "width": spec.image_size}, do_center_crop=False)
+        cls_token = spec.llava_tower != "siglip"
+        return LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=spec.patch_size,
+                              vision_feature_select_strategy="default" if cls_token else "full",
+                              num_additional_image_tokens=int(cls_token), chat_template=tok.chat_template)
     if spec.family == "internvl":
         ip = GotOcr2ImageProcessorPil(
             size={"height": spec.tile_size, "width": spec.tile_size}, crop_to_patches=True,
@@ -423,15 +464,15 @@ def _model_class(arch: str):
         "qwen2_vl": Qwen2VLForConditionalGeneration,
         "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
         "internvl": InternVLForConditionalGeneration,
+        "llava": LlavaForConditionalGeneration,
     }[arch]
 
 
 def _vision_placeholder_ids(spec: PresetSpec, tok) -> list[int]:
-    names = (
-        ("<img>", "</img>", "<IMG_CONTEXT>", "<video>")
-        if spec.family == "internvl"
-        else ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
-    )
+    names = {
+        "internvl": ("<img>", "</img>", "<IMG_CONTEXT>", "<video>"),
+        "llava": ("<image>",),
+    }.get(spec.family, ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"))
     return [tok.convert_tokens_to_ids(n) for n in names]
 
 

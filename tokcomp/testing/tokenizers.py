@@ -24,8 +24,10 @@ import json
 __all__ = [
     "QWEN_VL_SPECIAL_TOKENS",
     "INTERNVL_SPECIAL_TOKENS",
+    "LLAVA_SPECIAL_TOKENS",
     "build_qwen_vl_tokenizer",
     "build_internvl_tokenizer",
+    "build_llava_tokenizer",
 ]
 
 QWEN_VL_SPECIAL_TOKENS: tuple[str, ...] = (
@@ -35,6 +37,7 @@ QWEN_VL_SPECIAL_TOKENS: tuple[str, ...] = (
 INTERNVL_SPECIAL_TOKENS: tuple[str, ...] = (
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>",
 )
+LLAVA_SPECIAL_TOKENS: tuple[str, ...] = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>")
 
 _N_MERGES = 32
 _CORPUS = (
@@ -126,5 +129,17 @@ def build_internvl_tokenizer():
     )
     tok.add_special_tokens({"extra_special_tokens": list(INTERNVL_SPECIAL_TOKENS)})
     tok.chat_template = _CHAT_TEMPLATE.replace("@IMAGE@", "<IMG_CONTEXT>\n").replace("@VIDEO@", "<video>\n")
+    tok.padding_side = "left"
+    return tok
+
+
+def build_llava_tokenizer():
+    """Fresh LLaVA-1.5 style tokenizer (292 ids), left padding, with a chat template.
+
+    The template renders `{"type": "image"}` as `<image>\n`; `LlavaProcessor` expands `<image>` to one token per
+    patch of the (square-resized) image."""
+    tok = _base_tokenizer(image_token="<image>")
+    tok.add_special_tokens({"extra_special_tokens": list(LLAVA_SPECIAL_TOKENS)})
+    tok.chat_template = _CHAT_TEMPLATE.replace("@IMAGE@", "<image>\n").replace("@VIDEO@", "")
     tok.padding_side = "left"
     return tok

@@ -256,6 +256,11 @@ def set_config_attn(config, impl: str) -> None:
     config._attn_implementation = impl
 
 
+def causal_lm_loss(model, logits, labels):
+    """The model's own causal-LM loss (labels shifted inside, -100 ignored), as its forward computes it."""
+    return model.loss_function(logits=logits, labels=labels, vocab_size=model.config.get_text_config().vocab_size)
+
+
 def pooled_output(pooler_output) -> Any:
     """A vision-encoder output object carrying ``pooler_output`` (what ``mm_encoder_outputs`` values are)."""
     from transformers.modeling_outputs import BaseModelOutputWithPooling

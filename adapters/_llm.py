@@ -344,6 +344,9 @@ class LLMEngine:
         self._dec: _DecodeForward | None = None  # the current forward on a pruned prompt's cache, if any
         self._decodes: "weakref.WeakKeyDictionary[Any, _Decode]" = weakref.WeakKeyDictionary()
         self._masks: dict[tuple, Any] = {}       # memoised attention masks of the current forward
+        #: ``(index LongTensor[B, L'], valid BoolTensor[B, L'])`` of the last prefill's output sequence: the LLM-input
+        #: column each output position came from, and which positions are not padding
+        self.last_stage: tuple[Tensor, Tensor] | None = None
 
     # -- setup --------------------------------------------------------------------------------------------
     def _prune_layers(self) -> list[int]:
@@ -380,7 +383,7 @@ class LLMEngine:
 
     def _reset(self) -> None:
         """Drop every per-forward and per-cache state (run on undo, so a closed session holds no tensors)."""
-        self._pending = self._fw = self._dec = None
+        self._pending = self._fw = self._dec = self.last_stage = None
         self._masks = {}
         self._decodes = weakref.WeakKeyDictionary()
 
@@ -403,6 +406,8 @@ class LLMEngine:
         self.surgery.on_undo(hf.register_attention(name, wrapper, mask_like=base))
         hf.set_text_attention(self.model, name)
         self.surgery.on_undo(lambda: hf.set_text_attention(self.model, base))
+        self.surgery.switch(lambda: hf.set_text_attention(self.model, base),
+                            lambda: hf.set_text_attention(self.model, name))
         if hf.attn_impl(self.lm.config) != name:
             raise AdapterError(f"could not switch the text tower to the attention wrapper {name!r} "
                                f"(it reports {hf.attn_impl(self.lm.config)!r})")
@@ -474,6 +479,7 @@ class LLMEngine:
         self._dec, self._masks = None, {}
         if fw is None:
             return None
+        self.last_stage = (fw.stage.index, fw.stage.valid)
         counts = {}
         for i in range(self.n_layers):
             st = fw.layer_stage.get(i, fw.stage if not fw.pruning else None)

@@ -179,8 +179,11 @@ class VLMAdapter(Adapter):
         self.inner, self.lm = self.modules()
         self.session = None
         self.engine: LLMEngine | None = None
-        self._results: deque[VisionResult] = deque(maxlen=8)
-        self._repack: RepackState | None = None
+        self._results: deque[VisionResult] = deque(maxlen=16)
+        self._repacks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # cache -> its re-packed prefill
+        self._repack: RepackState | None = None       # the forward in flight (forwards are serialised per session)
+        self._prefill: Prefill | None = None
+        self._labels: Tensor | None = None
         self._vision_seen = 0
         self._params = [n for n, p in inspect.signature(type(model).forward).parameters.items()
                         if n != "self" and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
@@ -244,6 +247,7 @@ class VLMAdapter(Adapter):
         self.surgery.on_undo(self._clear)
         self.attach_vision(session.vision if session.vision is not None else Identity())
         self.surgery.pre_hook(self.model, self._model_pre)
+        self.surgery.post_hook(self.model, self._model_post, always_call=True)
         self.surgery.pre_hook(self.inner, self._inner_pre)
         if self.gappy_positions and self._changes_llm_length():
             for layer in self.lm.layers:
@@ -260,7 +264,8 @@ class VLMAdapter(Adapter):
         raise NotImplementedError
 
     def _clear(self) -> None:
-        self._repack, self.engine = None, None
+        self._repack, self.engine, self._prefill, self._labels = None, None, None, None
+        self._repacks = weakref.WeakKeyDictionary()
         self._results.clear()
 
     def _unit_vision(self) -> bool:
@@ -312,6 +317,7 @@ class VLMAdapter(Adapter):
                                "cache_implementation='static').")
         past = hf.cache_length(cache)
         prefill = None
+        self._repack, self._prefill, self._labels = None, None, None
         if past > 0:
             if self._unit_vision() and self._has_visual_inputs(kw):
                 raise AdapterError("new images/videos on a non-empty cache (continuing a conversation) are not "
@@ -320,8 +326,34 @@ class VLMAdapter(Adapter):
             kw = self._decode_inputs(kw, cache, past)
         else:
             kw, prefill = self._prefill_inputs(kw)
+            if kw.get("labels") is not None and self.engine.prune_at:
+                self._labels = kw.pop("labels")   # the loss is computed over the kept positions, after the forward
+        self._prefill = prefill
         self._begin_engine(kw, prefill)
         return (), kw
+
+    def _model_post(self, mod, args, kw, output):
+        """After a prefill: the output positions in the report; with LLM pruning and ``labels``, the loss over the
+        kept positions (the model's own loss function, labels gathered to the positions the logits have)."""
+        labels, self._labels = self._labels, None
+        if self._prefill is None or self.engine is None or self.engine.last_stage is None:
+            return None
+        index, valid = self.engine.last_stage
+        rp = self._prefill.repacked
+        cols = index if rp is None else rp.index.to(index.device).gather(1, index)
+        positions = cols.masked_fill(~valid.to(cols.device), -1).cpu()
+        if self.session.report.prefill:
+            self.session.report.prefill[-1].positions = positions
+        self._prefill = None
+        if labels is None or getattr(output, "logits", None) is None:
+            return None
+        logits = output.logits
+        if logits.shape[1] != index.shape[1]:
+            raise AdapterError(f"labels with an LLM pruner need logits for every kept position ({index.shape[1]}); "
+                               f"got {logits.shape[1]} (logits_to_keep?). Fix: do not pass logits_to_keep with labels")
+        kept = labels.gather(1, index.to(labels.device)).masked_fill(~valid.to(labels.device), -100)
+        output.loss = hf.causal_lm_loss(self.model, logits, kept)
+        return output
 
     def _has_visual_inputs(self, kw: dict) -> bool:
         return (any(kw.get(k) is not None for k in self.modalities.values())
@@ -396,14 +428,17 @@ class VLMAdapter(Adapter):
                                    len_new=rp.index.shape[1], mask_new=mask,
                                    removed=full.sum(1).to(rp.lengths.device) - rp.lengths,
                                    next_pos=text.masked_fill(full == 0, -1).amax(1) + 1)
+        if cache is not None:
+            self._repacks[cache] = self._repack
         info.keep, info.repacked = keep, rp
         return kw
 
     # -- later forwards on a re-packed prompt's cache -------------------------------------------------------
     def _decode_inputs(self, kw: dict, cache, past: int) -> dict:
-        state = self._repack
-        if state is None or state.cache is None or state.cache() is not cache:
+        state = self._repacks.get(cache)
+        if state is None:
             return kw
+        self._repack = state
         ids = kw.get("input_ids")
         q = ids.shape[1] if ids is not None else kw["inputs_embeds"].shape[1]
         extra = past - state.len_new                     # tokens cached after the prompt

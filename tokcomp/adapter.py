@@ -14,6 +14,7 @@ positions, masks and caches. The session calls, in order::
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Any, Callable, ClassVar
 
 from tokcomp.errors import AdapterError
@@ -22,18 +23,28 @@ from tokcomp.errors import AdapterError
 class Surgery:
     """An undo log of everything done to a model: hooks, attributes, attention-backend changes.
 
-    ``undo()`` reverts in reverse order, keeps going if one step fails, and is idempotent."""
+    ``undo()`` reverts in reverse order, keeps going if one step fails, and is idempotent. ``suspended()`` takes
+    everything out for a moment and puts it back exactly (``copy.deepcopy`` of a model inside a session)."""
 
     def __init__(self) -> None:
         self._undo: list[Callable[[], None]] = []
+        self._handles: list = []
+        self._switches: list[tuple[Callable[[], None], Callable[[], None]]] = []
 
-    def pre_hook(self, module, fn, *, with_kwargs: bool = True) -> None:
-        self._undo.append(module.register_forward_pre_hook(fn, with_kwargs=with_kwargs).remove)
+    def _hook(self, handle) -> None:
+        self._handles.append(handle)
+        self._undo.append(handle.remove)
 
-    def post_hook(self, module, fn, *, with_kwargs: bool = True, prepend: bool = False) -> None:
+    def pre_hook(self, module, fn, *, with_kwargs: bool = True, prepend: bool = False) -> None:
+        """A forward pre-hook; ``prepend``: before hooks registered earlier."""
+        self._hook(module.register_forward_pre_hook(fn, with_kwargs=with_kwargs, prepend=prepend))
+
+    def post_hook(self, module, fn, *, with_kwargs: bool = True, prepend: bool = False,
+                  always_call: bool = False) -> None:
         """A forward hook; ``prepend``: before hooks registered earlier (e.g. transformers' output capture, which
-        then records what this hook returns)."""
-        self._undo.append(module.register_forward_hook(fn, with_kwargs=with_kwargs, prepend=prepend).remove)
+        then records what this hook returns); ``always_call``: also when the forward raises."""
+        self._hook(module.register_forward_hook(fn, with_kwargs=with_kwargs, prepend=prepend,
+                                                always_call=always_call))
 
     def set_attr(self, obj: Any, name: str, value: Any) -> None:
         """``setattr`` that is reverted (or deleted if the attribute did not exist) on undo."""
@@ -53,11 +64,43 @@ class Surgery:
         """Run ``fn`` when undoing (e.g. restore an attention implementation)."""
         self._undo.append(fn)
 
+    def switch(self, off: Callable[[], None], on: Callable[[], None]) -> None:
+        """A change that :meth:`suspended` must switch ``off`` and back ``on`` (e.g. an attention backend)."""
+        self._switches.append((off, on))
+
+    @contextmanager
+    def suspended(self):
+        """Everything this log added is out of the model for the duration (hooks popped from their dicts, switches
+        off) and back afterwards, in the same order, also after an exception."""
+        saved = {}
+        for h in self._handles:
+            for ref in (h.hooks_dict_ref, *h.extra_dict_ref):
+                d = ref()
+                if d is not None and id(d) not in saved:
+                    saved[id(d)] = (d, list(d.items()))
+        ids = {h.id for h in self._handles}
+        for d, items in saved.values():
+            for k in [k for k, _ in items if k in ids]:
+                del d[k]
+        done = []
+        try:
+            for off, on in self._switches:
+                off()
+                done.append(on)
+            yield
+        finally:
+            for on in reversed(done):
+                on()
+            for d, items in saved.values():
+                d.clear()
+                d.update(items)
+
     @property
     def active(self) -> bool:
         return bool(self._undo)
 
     def undo(self) -> None:
+        self._handles, self._switches = [], []
         errors = []
         while self._undo:
             fn = self._undo.pop()

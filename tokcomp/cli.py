@@ -1,10 +1,85 @@
-"""The ``tokcomp`` command: ``list``, ``schema NAME``, ``run``."""
+"""The ``tokcomp`` command: ``list``, ``schema NAME``, ``run``, ``bench``, ``bench-fidelity``.
+
+Every user error (a bad argument, a missing file, an unknown model, spec or attention backend, an unwritable output
+folder) is found before any model work and ends the command with exit status 2 and one line on stderr, never a
+traceback. A benchmark that compared nothing, or whose every configuration failed, exits non-zero.
+"""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
 import warnings
+from pathlib import Path
+
+from tokcomp.errors import TokcompError
+
+
+class UsageError(TokcompError):
+    """A command-line mistake (exit status 2, one line: ``<prog>: error: <message>``)."""
+
+    def __init__(self, message: str, prog: str = "tokcomp"):
+        super().__init__(message)
+        self.prog = prog
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (``tokcomp: error: ...``) and exit 2 through :func:`main`."""
+
+    def error(self, message):
+        raise UsageError(message, self.prog)
+
+
+def positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def keep_ratios(text: str) -> list[float]:
+    out = []
+    for part in [p.strip() for p in text.split(",") if p.strip()]:
+        try:
+            r = float(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part!r} is not a number; give ratios like 0.5,0.35,0.2") from None
+        if not 0 < r <= 1:
+            raise argparse.ArgumentTypeError(f"keep ratio {r} is not in (0, 1]")
+        out.append(r)
+    if not out:
+        raise argparse.ArgumentTypeError("no keep ratio given; e.g. --keep 0.5,0.35,0.2")
+    return out
+
+
+def check_attn(attn: str) -> None:
+    """Refuse an attention implementation transformers does not know, before any model is built."""
+    from tokcomp.adapters._hf import registered_kernel
+    if attn not in ("eager", "sdpa") and registered_kernel(attn) is None:
+        raise UsageError(f"--attn {attn!r} is not an attention implementation transformers knows; use sdpa, eager "
+                         "or flash_attention_2 (needs flash-attn)")
+
+
+def check_image(path: str | None) -> None:
+    if path is not None and not Path(path).is_file():
+        raise UsageError(f"--image {path!r} does not exist (give an image file, or omit it for a procedural image)")
+
+
+def check_out(path: str) -> Path:
+    """The output folder, created and probed for writing before any work (nothing is computed for nothing)."""
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".tokcomp-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise UsageError(f"--out {path!r} is not a writable folder ({exc.strerror or exc}); choose another "
+                         "folder") from None
+    return out
 
 
 def _flags(cls) -> str:
@@ -64,8 +139,13 @@ def cmd_schema(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from tokcomp.run import build_inputs, compare, load
+    from tokcomp.run import build_inputs, check_model, compare, load
+    from tokcomp.spec import resolve_spec
     from tokcomp.testing.images import procedural_image
+    check_image(args.image)
+    check_attn(args.attn)
+    check_model(args.model)
+    args.spec = resolve_spec(args.spec).spec            # names, configs, files: before the model is built
     model, processor, vlm = load(args.model, attn=args.attn, dtype=args.dtype)
     if args.image:
         from PIL import Image
@@ -116,8 +196,19 @@ def cmd_bench(args) -> int:
     import transformers
 
     from tokcomp import bench
-    from tokcomp.run import build_inputs, load
+    from tokcomp.registry import default_registry
+    from tokcomp.run import build_inputs, check_model, load
     from tokcomp.testing.images import procedural_image
+    for path in args.images or []:
+        check_image(path)
+    check_attn(args.attn)
+    if args.model not in BENCH_MODELS:
+        check_model(args.model)
+    configs = bench.specs_for(args.pairs, args.keep, default_registry())    # spec errors before any work
+    if len(configs) < 2:
+        raise UsageError(f"--pairs {args.pairs!r} names no pair to compare with the unmodified model; e.g. "
+                         "--pairs 'ipcv+dart,tome,fastv'")
+    out_dir = check_out(args.out)
     if args.model in BENCH_MODELS:
         from tokcomp.testing import build_model
         preset, over, sizes = BENCH_MODELS[args.model]
@@ -132,8 +223,7 @@ def cmd_bench(args) -> int:
     else:
         images = [procedural_image(h, w, kind="shapes", seed=i) for i, (h, w) in enumerate(sizes)]
     inputs = [build_inputs(model, processor, vlm, im, args.prompt) for im in images]
-    keeps = [float(k) for k in args.keep.split(",") if k.strip()]
-    rows = bench.run(model, inputs, args.pairs, keeps, new_tokens=args.new_tokens, repeats=args.repeats,
+    rows = bench.run(model, inputs, args.pairs, args.keep, new_tokens=args.new_tokens, repeats=args.repeats,
                      progress=not args.quiet)
     meta = {"model": args.model, "class": type(model).__name__, "attn": args.attn, "dtype": args.dtype,
             "images": [list(im.size) for im in images], "new_tokens": args.new_tokens, "repeats": args.repeats,
@@ -141,8 +231,13 @@ def cmd_bench(args) -> int:
             "machine": platform.machine(), "cpu_threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
     print(bench.table(rows))
-    paths = bench.write(rows, args.out, meta)
+    paths = bench.write(rows, out_dir, meta)
     print("\nwrote " + ", ".join(str(p) for p in paths.values()))
+    failed = [r for r in rows if r.error is not None]
+    if failed and len(failed) == len(rows) - 1:
+        print(f"tokcomp: error: every compressed configuration failed ({len(failed)}); see the table",
+              file=sys.stderr)
+        return 1
     return 0
 
 
@@ -153,13 +248,16 @@ def cmd_bench_fidelity(args) -> int:
     import tokcomp
     script = Path(tokcomp.__file__).resolve().parents[1] / "benchmarks" / "fidelity" / "run.py"
     if not script.exists():
-        raise SystemExit(f"{script} not found: the fidelity benchmark runs from a clone of the repository")
-    return int(runpy.run_path(str(script))["main"](args.rest) or 0)
+        raise UsageError(f"{script} not found: the fidelity benchmark runs from a clone of the repository")
+    try:
+        return int(runpy.run_path(str(script))["main"](args.rest) or 0)
+    except SystemExit as exc:                   # the script's own argparse (--help, usage errors)
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="tokcomp", description="visual-token compression for multimodal LLMs")
-    sub = p.add_subparsers(dest="cmd", required=True)
+    p = _Parser(prog="tokcomp", description="visual-token compression for multimodal LLMs")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
     s = sub.add_parser("list", help="strategies and adapters")
     s.add_argument("--stage", choices=["vision", "llm"])
     s.set_defaults(fn=cmd_list)
@@ -172,11 +270,11 @@ def main(argv=None) -> int:
                    help="tiny-qwen2-vl | tiny-qwen2.5-vl | tiny-internvl | a preset of tokcomp.testing | local PATH")
     s.add_argument("--spec", default="pool(keep_ratio=0.5)+random(keep_ratio=0.5)")
     s.add_argument("--image", help="image file (default: a procedural image)")
-    s.add_argument("--size", type=int, nargs=2, default=(112, 112), metavar=("H", "W"),
+    s.add_argument("--size", type=positive_int, nargs=2, default=(112, 112), metavar=("H", "W"),
                    help="procedural image size when no --image is given")
     s.add_argument("--prompt", default="describe the image")
-    s.add_argument("--max-new-tokens", type=int, default=16)
-    s.add_argument("--repeats", type=int, default=3, help="timing repeats (median)")
+    s.add_argument("--max-new-tokens", type=positive_int, default=16)
+    s.add_argument("--repeats", type=positive_int, default=3, help="timing repeats (median)")
     s.add_argument("--attn", default="sdpa", help="attention implementation (sdpa, eager, flash_attention_2)")
     s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     s.set_defaults(fn=cmd_run)
@@ -185,11 +283,11 @@ def main(argv=None) -> int:
     s.add_argument("--pairs", default="ipcv+dart,tome+fastv,dart_vit+v2drop,luvc_oim+luvc_spu,none+sparsevlm,"
                                       "pool+random,none",
                    help='comma-separated pairs, e.g. "ipcv+dart,tome,fastv,none"')
-    s.add_argument("--keep", default="0.5,0.35,0.2", help="comma-separated keep ratios")
+    s.add_argument("--keep", type=keep_ratios, default="0.5,0.35,0.2", help="comma-separated keep ratios")
     s.add_argument("--images", nargs="*", help="image files (default: procedural images)")
     s.add_argument("--prompt", default="describe the image")
-    s.add_argument("--new-tokens", type=int, default=8)
-    s.add_argument("--repeats", type=int, default=3)
+    s.add_argument("--new-tokens", type=positive_int, default=8)
+    s.add_argument("--repeats", type=positive_int, default=3)
     s.add_argument("--attn", default="sdpa")
     s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     s.add_argument("--out", default="bench-out", help="output folder for bench.json / bench.md / bench.png")
@@ -199,17 +297,27 @@ def main(argv=None) -> int:
                        help="real-weights fidelity of every vision compressor on DINOv2-S (needs the bench extra)")
     s.add_argument("rest", nargs=argparse.REMAINDER)
     s.set_defaults(fn=cmd_bench_fidelity)
-    args = p.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench-fidelity"]:          # every argument (--help too) belongs to the benchmark's script
+        args = argparse.Namespace(fn=cmd_bench_fidelity, rest=argv[1:])
+    else:
+        try:
+            args = p.parse_args(argv)
+        except UsageError as e:
+            print(f"{e.prog}: error: {e}", file=sys.stderr)
+            return 2
+        except SystemExit as exc:               # --help
+            return exc.code if isinstance(exc.code, int) else 0
     import torch
     if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in __import__("os").environ:
         torch.set_num_threads(1)
-    from tokcomp.errors import TokcompError
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("default")
             return args.fn(args)
     except TokcompError as e:
-        print(f"tokcomp: error: {e}", file=sys.stderr)
+        prog = e.prog if isinstance(e, UsageError) else "tokcomp"
+        print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
 
 

@@ -35,6 +35,23 @@ def PruneLayer(default: int = 2, *, description: str = "", **kw) -> Any:
         "K: prune before decoder layer K, ranking with layer K-1's output (1 .. n_layers - 1)"), **kw)
 
 
+def _numeric(annotation: Any) -> bool:
+    """True if a field annotation takes numbers (int / float, also inside Optional / list / tuple) and not bools."""
+    import typing
+    if annotation is bool:
+        return False
+    if annotation in (int, float):
+        return True
+    args = typing.get_args(annotation)
+    return bool(args) and bool not in args and any(_numeric(a) for a in args)
+
+
+def _holds_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return True
+    return isinstance(value, (list, tuple)) and any(_holds_bool(v) for v in value)
+
+
 class StrategyConfig(BaseModel):
     """Base of every strategy config: a budget and method fields, validated, immutable, no unknown keys."""
 
@@ -48,6 +65,20 @@ class StrategyConfig(BaseModel):
     keep_ratio: float | None = Field(None, gt=0.0, le=1.0,
                                      description="fraction of visual tokens kept (0 < r <= 1); xor num_tokens")
     num_tokens: int | None = Field(None, ge=1, description="absolute number of visual tokens kept; xor keep_ratio")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, data: Any) -> Any:
+        """``keep_ratio=true`` would silently become 1.0 (and ``layer=true`` 1): booleans are refused for numbers."""
+        if isinstance(data, dict):
+            for name, value in data.items():
+                f = cls.model_fields.get(name)
+                if f is not None and _numeric(f.annotation) and _holds_bool(value):
+                    from tokcomp.spec import format_value
+                    example = " (e.g. keep_ratio=0.5)" if name == "keep_ratio" else ""
+                    raise ValueError(f"{name}={format_value(value)} holds a boolean, but {name} takes numbers; fix: "
+                                     f"give a number{example}")
+        return data
 
     @model_validator(mode="after")
     def _budget(self) -> "StrategyConfig":

@@ -143,7 +143,8 @@ class Registry:
             raise ConfigError(f"{name!r} is {kinds[other]}, not {kinds[stage]}; it was given where {kinds[stage]} "
                               f"belongs. Fix: pass it as {other}={name!r}.")
         known = sorted({n for _, n in self._strategies})
-        close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+        close = [n for n in known if n.lower() == str(name).lower()]           # 'IPCV' -> 'ipcv'
+        close += [n for n in difflib.get_close_matches(str(name).lower(), known, n=3, cutoff=0.5) if n not in close]
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         raise UnknownStrategyError(
             f"unknown strategy {name!r}.{hint} Known strategies: {', '.join(known) or '(none)'}. "

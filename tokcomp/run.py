@@ -30,20 +30,37 @@ class Run:
         return (self.total_s - self.ttft_s) / max(1, self.new_tokens - 1)
 
 
-def load(model: str, attn: str = "sdpa", dtype: str = "float32"):
-    """``(model, processor, family)`` for a preset name of :mod:`tokcomp.testing` or a local checkpoint path."""
+def check_model(model: str) -> None:
+    """Refuse, before anything is built, a ``--model`` that is neither a preset nor a local checkpoint folder."""
     from pathlib import Path
 
+    from tokcomp.errors import ConfigError
+    from tokcomp.testing.models import MODEL_PRESETS
+    if model in MODEL_PRESETS:
+        return
+    p = Path(model)
+    if not p.is_dir() or not (p / "config.json").is_file():
+        why = "does not exist" if not p.exists() else "is not a checkpoint folder (no config.json)"
+        raise ConfigError(f"--model {model!r} {why}; give a preset ({', '.join(MODEL_PRESETS)}) or a folder saved "
+                          "with save_pretrained")
+
+
+def load(model: str, attn: str = "sdpa", dtype: str = "float32"):
+    """``(model, processor, family)`` for a preset name of :mod:`tokcomp.testing` or a local checkpoint path."""
+    from tokcomp.errors import ConfigError
     from tokcomp.testing import MODEL_PRESETS, build_model
+    check_model(model)
     torch_dtype = getattr(torch, dtype)
     if model in MODEL_PRESETS:
         vlm = build_model(model, attn=attn, dtype=torch_dtype)
         return vlm.model, vlm.processor, vlm
-    if not Path(model).exists():
-        raise SystemExit(f"--model {model!r} is neither a preset ({', '.join(MODEL_PRESETS)}) nor a local path")
     from transformers import AutoModelForImageTextToText, AutoProcessor
-    m = AutoModelForImageTextToText.from_pretrained(model, attn_implementation=attn, dtype=torch_dtype).eval()
-    return m, AutoProcessor.from_pretrained(model), None
+    try:
+        m = AutoModelForImageTextToText.from_pretrained(model, attn_implementation=attn, dtype=torch_dtype).eval()
+        return m, AutoProcessor.from_pretrained(model), None
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"--model {model!r} could not be loaded as an image-text-to-text model: "
+                          f"{str(exc).splitlines()[0]}") from None
 
 
 def build_inputs(model, processor, vlm, image, prompt: str):

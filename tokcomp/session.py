@@ -33,6 +33,9 @@ class ForwardRecord:
         llm_in: visual tokens per row entering the LLM.
         llm_text: non-visual, non-padding tokens per row entering the LLM.
         kv_bytes: bytes of the KV cache right after this prefill (measured from the cache's tensors).
+        positions: LongTensor[B, L'] (CPU): the column of the caller's ``input_ids`` each position of the language
+            model's output (logits, hidden states) came from, -1 at padding; None where the adapter does not track
+            it. Inside a session outputs are shorter than ``input_ids`` when tokens were dropped.
     """
 
     vision_blocks: dict[int, int] = field(default_factory=dict)
@@ -44,6 +47,7 @@ class ForwardRecord:
     llm_text: list[int] = field(default_factory=list)
     llm_layers: dict[int, list[int]] = field(default_factory=dict)
     kv_bytes: int | None = None
+    positions: Any = None
 
 
 @dataclass
@@ -95,22 +99,13 @@ class Report:
 
 def _resolve_pair(spec: Any, vision: Any, llm: Any, registry) -> Pair:
     from tokcomp.registry import default_registry
-    from tokcomp.spec import build_pair, load_spec_file, spec_from_data
+    from tokcomp.spec import build_pair, resolve_spec
     from tokcomp.strategy import Strategy
     reg = registry or default_registry()
     if spec is not None and (vision is not None or llm is not None):
         raise ConfigError("give either a spec or vision=/llm=, not both")
-    if isinstance(spec, Pair):
-        return spec
-    if isinstance(spec, str):
-        if spec.lower().endswith((".json", ".yaml", ".yml")):
-            return load_spec_file(spec, reg)
-        return parse_spec(spec, reg)
-    if isinstance(spec, dict):
-        return spec_from_data(spec, reg)
     if spec is not None:
-        raise ConfigError(f"cannot use {type(spec).__name__} as a spec; give a string like "
-                          "'pool(keep_ratio=0.5)+random(keep_ratio=0.5)', a dict, or vision=/llm=")
+        return resolve_spec(spec, reg)
     slots = {}
     for stage, value in (("vision", vision), ("llm", llm)):
         if value is None:
@@ -196,6 +191,7 @@ class Session:
         try:
             self.adapter.attach(self)
             self._attach_measurement()
+            self._attach_guards()
         except BaseException:
             self.adapter.detach()  # nothing half-patched
             raise
@@ -225,6 +221,37 @@ class Session:
             if rec is not None and rec.kv_bytes is None and cache is not None:
                 rec.kv_bytes = kv_bytes(cache)
         self.adapter.surgery.post_hook(self.model, probe)
+
+    def _attach_guards(self) -> None:
+        """One forward at a time per session: the adapter's per-forward state then belongs to one call. A pre-hook
+        (first of all) takes a re-entrant lock on the model and on the vision tower, a forward hook (last of all,
+        also on exceptions) releases it, so a second thread's generate() waits instead of corrupting the first.
+        ``copy.deepcopy(model)`` inside the session copies the unmodified model (the session's hooks and switches
+        taken out for the copy)."""
+        import copy
+        import threading
+        lock = threading.RLock()
+        s = self.adapter.surgery
+        mods = [self.model] + [m for m in [self.adapter.stage_modules().get("vision")] if m is not None]
+
+        def acquire(module, args, kwargs):
+            lock.acquire()
+
+        def release(module, args, kwargs, output):
+            lock.release()
+        for m in mods:
+            s.pre_hook(m, acquire, prepend=True)
+            s.post_hook(m, release, always_call=True)
+        model = self.model
+
+        def deepcopy(memo):
+            with s.suspended():
+                held = {k: model.__dict__.pop(k) for k in (_MARK, "__deepcopy__") if k in model.__dict__}
+                try:
+                    return copy.deepcopy(model, memo)
+                finally:
+                    model.__dict__.update(held)
+        s.set_attr(model, "__deepcopy__", deepcopy)
 
     def __exit__(self, *exc) -> None:
         self.close()

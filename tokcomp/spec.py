@@ -183,10 +183,37 @@ def parse_spec(spec: str, registry=None) -> Pair:
     return build_pair(parts, registry, spec)
 
 
+def resolve_spec(spec: Any, registry=None) -> Pair:
+    """Any spec form a user may give: a :class:`Pair`, a spec string, a JSON / YAML file path (a ``str`` ending in
+    ``.json``/``.yaml``/``.yml`` or holding a ``/``, or a ``pathlib`` path), or a dict (``{"vision": {...}, ...}``)."""
+    from pathlib import PurePath
+    if isinstance(spec, Pair):
+        return spec
+    if isinstance(spec, PurePath):
+        return load_spec_file(spec, registry)
+    if isinstance(spec, str):
+        text = spec.strip()
+        if text.lower().endswith((".json", ".yaml", ".yml")) or ("/" in text and "(" not in text):
+            return load_spec_file(text, registry)                  # a file path (spec strings hold no '/')
+        return parse_spec(spec, registry)
+    if isinstance(spec, dict):
+        return spec_from_data(spec, registry)
+    raise ConfigError(f"cannot use {type(spec).__name__} as a spec; give a string like "
+                      "'pool(keep_ratio=0.5)+random(keep_ratio=0.5)', a JSON/YAML file path, a dict, or vision=/llm=")
+
+
 def load_spec_file(path: str | Path, registry=None) -> Pair:
     """Read a JSON or YAML file holding a spec string or ``{"vision": {...}, "llm": {...}}``."""
     p = Path(path)
-    text = p.read_text()
+    if not p.exists():
+        raise SpecError(f"spec file {str(p)!r} does not exist; give an existing .json / .yaml file or a spec string "
+                        "like 'pool(keep_ratio=0.5)+random(keep_ratio=0.5)'")
+    if not p.is_file():
+        raise SpecError(f"spec file {str(p)!r} is not a file (a directory?); give a .json / .yaml file")
+    try:
+        text = p.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(f"cannot read spec file {str(p)!r}: {exc}") from None
     try:
         if p.suffix.lower() in (".yaml", ".yml"):
             import yaml
@@ -214,9 +241,10 @@ def spec_from_data(data: Any, registry=None, source: str = "config") -> Pair:
             continue
         if isinstance(entry, str):
             parts.append(_parse_part(entry, entry))
-        elif isinstance(entry, dict) and "name" in entry:
-            parts.append((entry["name"], {k: v for k, v in entry.items() if k != "name"}))
+        elif isinstance(entry, dict) and isinstance(entry.get("name"), str) and entry["name"].strip():
+            parts.append((entry["name"].strip(), {k: v for k, v in entry.items() if k != "name"}))
         else:
-            raise SpecError(f"{source}: {stage!r} must be a spec string or a mapping with a 'name' key")
+            raise SpecError(f"{source}: {stage!r} must be a spec string or a mapping with a 'name' key holding a "
+                            f"strategy name (got {entry!r}); e.g. {{'name': 'tome', 'keep_ratio': 0.5}}")
         stages.append(stage)
     return build_pair(parts, registry, source, stages)

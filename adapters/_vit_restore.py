@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from tokcomp.ops.knn import knn
+from tokcomp.ops.knn import knn, unique_rows
 from tokcomp.tokens import VisionLayout, VisionTokens
 
 RULES = ("sources", "nearest")
@@ -139,7 +139,8 @@ def update_sources(sources: Tensor, before: VisionTokens, after: VisionTokens, d
         than its traced sources explain has capacity left; untraced vanished tokens of its segment are assigned
         greedily (smallest distance first) to the destination whose *added mean*
         ``(size_after * h_after - size_before * h_before - traced) / capacity`` is nearest (L2) to their ``before``
-        state, while capacity lasts. Vanished tokens left over were pruned (-1). Tokens of ``after`` absent from
+        state, while capacity lasts (destinations with identical added means are filled in row order; see
+        :func:`_assign`). Vanished tokens left over were pruned (-1). Tokens of ``after`` absent from
         ``before`` (restored by the strategy) represent themselves again.
     """
     dev = sources.device
@@ -201,31 +202,95 @@ def update_sources(sources: Tensor, before: VisionTokens, after: VisionTokens, d
     return out
 
 
-def _assign(h_v: Tensor, s_v: Tensor, seg_v: Tensor, added: Tensor, cap: Tensor, seg_d: Tensor) -> Tensor:
+def _assign(h_v: Tensor, s_v: Tensor, seg_v: Tensor, added: Tensor, cap: Tensor, seg_d: Tensor,
+            n_candidates: int = 16) -> Tensor:
     """Greedy capacity-limited assignment of vanished tokens to destinations (see :func:`update_sources`).
 
     h_v [V, C], s_v [V], seg_v [V]; added [D, C], cap [D], seg_d [D] -> LongTensor[V] destination row or -1.
+
+    Destinations of a segment with identical added means form one *class* (flat images make large ones), its rows
+    in index order. Vanished tokens are taken in order of their distance to the nearest destination of their
+    segment (ties: lower position); each goes to the first row with capacity for its size in the nearest class of
+    its segment that has one (L2 in float64; classes at equal distance by their first row), which then loses that
+    much capacity.
+
+    Implementation (the result is exactly that sequential greedy's): one kNN finds every token's
+    ``n_candidates`` nearest classes and a Python pass walks these lists. A token whose candidates are all full
+    gets the lists of all remaining tokens rebuilt over the classes that still have room, twice as long each time
+    (tokens of a flat region all want the same classes), or, among the last few tokens, searches its segment.
     """
-    V = h_v.shape[0]
-    out = torch.full((V,), -1, dtype=torch.long, device=seg_v.device)
-    cap = cap.clone().to(seg_v.device)
-    added = added.to(h_v.device)
-    for s in torch.unique(seg_v).tolist():
-        vi = (seg_v == s).nonzero()[:, 0]
-        di = (seg_d == s).nonzero()[:, 0]
-        if di.numel() == 0:
-            continue
-        d = torch.cdist(h_v[vi.to(h_v.device)], added[di.to(added.device)]).to(seg_v.device)   # [v, d]
-        order = torch.sort(d.min(1).values, stable=True).indices
-        for j in order.tolist():
-            free = cap[di] >= s_v[vi[j]] - _TOL
-            if not bool(free.any()):
-                continue
-            cand = torch.where(free, d[j], torch.full_like(d[j], float("inf")))
-            k = int(torch.argmin(cand))
-            out[vi[j]] = di[k]
-            cap[di[k]] -= s_v[vi[j]]
-    return out
+    V, D = h_v.shape[0], added.shape[0]
+    dev = seg_v.device
+    if V == 0 or D == 0:
+        return torch.full((V,), -1, dtype=torch.long, device=dev)
+    hv, ad = h_v.float(), added.to(h_v.device).float()
+    sv, sd = seg_v.to(h_v.device), seg_d.to(h_v.device)
+    first, cls_of = unique_rows(torch.cat([ad, sd[:, None].to(ad.dtype)], 1))     # classes, by first row
+    rep, rep_seg = ad[first], sd[first]
+    n_cls = first.numel()
+    members: list[list[int]] = [[] for _ in range(n_cls)]
+    for row, c in enumerate(cls_of.tolist()):
+        members[c].append(row)                                                     # ascending rows
+    caps, sizes = cap.float().tolist(), s_v.float().tolist()
+    least = min(sizes) - _TOL                     # a destination with less room than this fits no token any more
+    ptr = [0] * n_cls                             # members before ptr[c] are full for good
+    n_seg = int(max(int(sv.max()), int(sd.max()))) + 1
+
+    def room(c: int) -> bool:
+        m = members[c]
+        while ptr[c] < len(m) and caps[m[ptr[c]]] < least:
+            ptr[c] += 1
+        return ptr[c] < len(m)
+
+    def fit(classes: list[int], need: float) -> int:
+        for c in classes:
+            if c < 0:
+                break
+            if room(c):
+                for r in members[c][ptr[c]:]:
+                    if caps[r] >= need:
+                        return r
+        return -1
+
+    def candidates(ids: Tensor, pool: Tensor, k: int) -> tuple[Tensor, list[bool]]:
+        """(LongTensor[len(ids), <=k] the nearest classes of ``pool`` per token, -1 padded; complete flags)."""
+        nn = knn(hv[ids], rep[pool], k, query_group=sv[ids], key_group=rep_seg[pool])
+        n_open = torch.bincount(rep_seg[pool], minlength=n_seg)
+        return torch.where(nn >= 0, pool[nn.clamp_min(0)], -1), (n_open[sv[ids]] <= k).tolist()
+
+    kc = max(1, min(int(n_candidates), n_cls))
+    cand, complete = candidates(torch.arange(V, device=hv.device), torch.arange(n_cls, device=hv.device), kc)
+    near = cand[:, 0]
+    dmin = ((hv.double() - rep.double()[near.clamp_min(0)]) ** 2).sum(1).masked_fill(near < 0, float("inf"))
+    order = torch.sort(dmin, stable=True).indices.tolist()
+    lists: list = list(cand)                                                       # rows, made lists when used
+    out = [-1] * V
+    for pos, j in enumerate(order):
+        if int(near[j]) < 0:
+            continue                                                               # no destination in its segment
+        need = sizes[j] - _TOL
+        if isinstance(lists[j], Tensor):
+            lists[j] = lists[j].tolist()
+        pick = fit(lists[j], need)
+        if pick < 0 and not complete[j]:
+            open_cls = torch.tensor([c for c in range(n_cls) if room(c)], dtype=torch.long, device=hv.device)
+            if len(order) - pos > 64 and open_cls.numel():                     # rebuild the remaining lists
+                kc = min(2 * kc, n_cls)
+                rest = order[pos:]
+                sub, sub_c = candidates(torch.tensor(rest, device=hv.device), open_cls, kc)
+                for r, jj in enumerate(rest):
+                    lists[jj], complete[jj] = sub[r], sub_c[r]
+                lists[j] = lists[j].tolist()
+                pick = fit(lists[j], need)
+            if pick < 0 and not complete[j]:                                    # search the whole segment
+                seg_open = open_cls[rep_seg[open_cls] == sv[j]] if open_cls.numel() else open_cls
+                d = ((hv[j].double() - rep.double()[seg_open]) ** 2).sum(1)
+                lists[j], complete[j] = seg_open[torch.sort(d, stable=True).indices].tolist(), True
+                pick = fit(lists[j], need)
+        if pick >= 0:
+            out[j] = pick
+            caps[pick] -= sizes[j]
+    return torch.tensor(out, dtype=torch.long, device=dev)
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -203,7 +203,7 @@ def update_sources(sources: Tensor, before: VisionTokens, after: VisionTokens, d
 
 
 def _assign(h_v: Tensor, s_v: Tensor, seg_v: Tensor, added: Tensor, cap: Tensor, seg_d: Tensor,
-            n_candidates: int = 16) -> Tensor:
+            n_candidates: int = 16, block: int = 256) -> Tensor:
     """Greedy capacity-limited assignment of vanished tokens to destinations (see :func:`update_sources`).
 
     h_v [V, C], s_v [V], seg_v [V]; added [D, C], cap [D], seg_d [D] -> LongTensor[V] destination row or -1.
@@ -216,8 +216,8 @@ def _assign(h_v: Tensor, s_v: Tensor, seg_v: Tensor, added: Tensor, cap: Tensor,
 
     Implementation (the result is exactly that sequential greedy's): one kNN finds every token's
     ``n_candidates`` nearest classes and a Python pass walks these lists. A token whose candidates are all full
-    gets the lists of all remaining tokens rebuilt over the classes that still have room, twice as long each time
-    (tokens of a flat region all want the same classes), or, among the last few tokens, searches its segment.
+    (tokens of a flat region all want the same classes) takes the nearest class with room from its full distance
+    row instead; the rows are computed ``block`` tokens at a time (one float64 matmul) in processing order.
     """
     V, D = h_v.shape[0], added.shape[0]
     dev = seg_v.device
@@ -234,59 +234,61 @@ def _assign(h_v: Tensor, s_v: Tensor, seg_v: Tensor, added: Tensor, cap: Tensor,
     caps, sizes = cap.float().tolist(), s_v.float().tolist()
     least = min(sizes) - _TOL                     # a destination with less room than this fits no token any more
     ptr = [0] * n_cls                             # members before ptr[c] are full for good
-    n_seg = int(max(int(sv.max()), int(sd.max()))) + 1
+    # an upper bound of each class's largest room (exact after a failed fit), for the full-row search
+    bound = torch.full((n_cls,), float("-inf"), dtype=torch.float64)
+    bound.scatter_reduce_(0, cls_of.cpu(), cap.double().cpu(), reduce="amax")
 
-    def room(c: int) -> bool:
+    def fit_class(c: int, need: float) -> int:
         m = members[c]
         while ptr[c] < len(m) and caps[m[ptr[c]]] < least:
             ptr[c] += 1
-        return ptr[c] < len(m)
-
-    def fit(classes: list[int], need: float) -> int:
-        for c in classes:
-            if c < 0:
-                break
-            if room(c):
-                for r in members[c][ptr[c]:]:
-                    if caps[r] >= need:
-                        return r
+        for r in m[ptr[c]:]:
+            if caps[r] >= need:
+                return r
+        bound[c] = max((caps[r] for r in m[ptr[c]:]), default=0.0)
         return -1
 
-    def candidates(ids: Tensor, pool: Tensor, k: int) -> tuple[Tensor, list[bool]]:
-        """(LongTensor[len(ids), <=k] the nearest classes of ``pool`` per token, -1 padded; complete flags)."""
-        nn = knn(hv[ids], rep[pool], k, query_group=sv[ids], key_group=rep_seg[pool])
-        n_open = torch.bincount(rep_seg[pool], minlength=n_seg)
-        return torch.where(nn >= 0, pool[nn.clamp_min(0)], -1), (n_open[sv[ids]] <= k).tolist()
-
     kc = max(1, min(int(n_candidates), n_cls))
-    cand, complete = candidates(torch.arange(V, device=hv.device), torch.arange(n_cls, device=hv.device), kc)
-    near = cand[:, 0]
+    nn = knn(hv, rep, kc, query_group=sv, key_group=rep_seg)                      # [V, kc] classes, -1 padded
+    n_in_seg = torch.bincount(rep_seg, minlength=int(max(int(sv.max()), int(sd.max()))) + 1)
+    complete = (n_in_seg[sv] <= kc).tolist()          # the list holds every class of the token's segment
+    near = nn[:, 0]
     dmin = ((hv.double() - rep.double()[near.clamp_min(0)]) ** 2).sum(1).masked_fill(near < 0, float("inf"))
     order = torch.sort(dmin, stable=True).indices.tolist()
-    lists: list = list(cand)                                                       # rows, made lists when used
+    rep64, rep_sq = rep.double(), (rep.double() ** 2).sum(1)
+    rows: dict[int, Tensor] = {}                                                   # full distance rows, by token
+
+    def full_row(pos: int) -> Tensor:
+        j = order[pos]
+        if j not in rows:
+            ids = torch.tensor([jj for jj in order[pos:pos + block] if jj not in rows], device=hv.device)
+            q = hv[ids].double()
+            d = torch.addmm(rep_sq[None, :] + (q * q).sum(1, keepdim=True), q, rep64.T, alpha=-2.0)
+            d = d.masked_fill(sv[ids][:, None] != rep_seg[None, :], float("inf")).cpu()
+            for r, jj in enumerate(ids.tolist()):
+                rows[jj] = d[r]
+        return rows.pop(j)
+
     out = [-1] * V
     for pos, j in enumerate(order):
         if int(near[j]) < 0:
             continue                                                               # no destination in its segment
         need = sizes[j] - _TOL
-        if isinstance(lists[j], Tensor):
-            lists[j] = lists[j].tolist()
-        pick = fit(lists[j], need)
-        if pick < 0 and not complete[j]:
-            open_cls = torch.tensor([c for c in range(n_cls) if room(c)], dtype=torch.long, device=hv.device)
-            if len(order) - pos > 64 and open_cls.numel():                     # rebuild the remaining lists
-                kc = min(2 * kc, n_cls)
-                rest = order[pos:]
-                sub, sub_c = candidates(torch.tensor(rest, device=hv.device), open_cls, kc)
-                for r, jj in enumerate(rest):
-                    lists[jj], complete[jj] = sub[r], sub_c[r]
-                lists[j] = lists[j].tolist()
-                pick = fit(lists[j], need)
-            if pick < 0 and not complete[j]:                                    # search the whole segment
-                seg_open = open_cls[rep_seg[open_cls] == sv[j]] if open_cls.numel() else open_cls
-                d = ((hv[j].double() - rep.double()[seg_open]) ** 2).sum(1)
-                lists[j], complete[j] = seg_open[torch.sort(d, stable=True).indices].tolist(), True
-                pick = fit(lists[j], need)
+        pick = -1
+        for c in nn[j].tolist():
+            if c < 0:
+                break
+            pick = fit_class(c, need)
+            if pick >= 0:
+                break
+        if pick < 0 and not complete[j]:                                           # nearest class with room
+            d = full_row(pos)
+            while pick < 0:
+                c = int(torch.argmin(d.masked_fill(bound < need, float("inf"))))
+                if not bool(bound[c] >= need) or d[c] == float("inf"):
+                    break
+                pick = fit_class(c, need)
+        rows.pop(j, None)
         if pick >= 0:
             out[j] = pick
             caps[pick] -= sizes[j]
@@ -296,18 +298,54 @@ def _assign(h_v: Tensor, s_v: Tensor, seg_v: Tensor, added: Tensor, cap: Tensor,
 # ------------------------------------------------------------------------------------------------------
 # restoration
 # ------------------------------------------------------------------------------------------------------
-def nearest_present(tokens: VisionTokens, layout: VisionLayout, missing: Tensor) -> Tensor:
+def nearest_present(tokens: VisionTokens, layout: VisionLayout, missing: Tensor, radius: int = 3) -> Tensor:
     """For grid patches ``missing`` (LongTensor[M] unit ids), the row of ``tokens`` of the nearest present non-prefix
     token of the same image (squared (t, h, w) grid distance; ties to the lower original index); -1 if the image
-    kept no patch."""
+    kept no patch.
+
+    The present cells within ``radius`` (per axis) of each missing patch are looked up on a dense grid map (a
+    nearest one there at distance < radius + 1 is the nearest overall), so the cost is linear in the grid; patches
+    with nothing that close (heavy pruning) fall back to a kNN over the present tokens of their image."""
     body = (~tokens.cls).nonzero()[:, 0]
     body = body[torch.argsort(tokens.origin[body], stable=True)]
     dev = tokens.pos.device
-    q = layout.unit_grid.to(dev)[missing.to(dev)].float()
-    nn = knn(q, tokens.pos[body].float(), 1, query_group=layout.unit_segment.to(dev)[missing.to(dev)],
-             key_group=tokens.segment[body])
-    col = nn[:, 0] if nn.shape[1] else torch.full((q.shape[0],), -1, dtype=torch.long, device=dev)
-    return torch.where(col >= 0, body[col.clamp_min(0)], -1)
+    missing = missing.to(dev)
+    out = torch.full((missing.numel(),), -1, dtype=torch.long, device=dev)
+    if missing.numel() == 0 or body.numel() == 0:
+        return out
+    q, qs = layout.unit_grid.to(dev)[missing], layout.unit_segment.to(dev)[missing]
+    kp, ks = tokens.pos[body], tokens.segment[body]
+    lo = torch.minimum(q.min(0).values, kp.min(0).values)
+    size = torch.maximum(q.max(0).values, kp.max(0).values) - lo + 1                 # (T, H, W)
+    n_seg = int(max(int(qs.max()), int(ks.max()))) + 1
+
+    def cell(seg: Tensor, p: Tensor) -> Tensor:
+        p = p - lo
+        return ((seg * size[0] + p[:, 0]) * size[1] + p[:, 1]) * size[2] + p[:, 2]
+    grid = torch.full((n_seg * int(size.prod()),), body.numel(), dtype=torch.long, device=dev)
+    grid.scatter_reduce_(0, cell(ks, kp), torch.arange(body.numel(), device=dev), reduce="amin")  # lowest origin
+    best_d = torch.full((missing.numel(),), radius ** 2 * 3 + 1, dtype=torch.long, device=dev)
+    best = torch.full((missing.numel(),), body.numel(), dtype=torch.long, device=dev)
+    span = [range(-radius, radius + 1) if int(size[a]) > 1 else range(1) for a in range(3)]
+    for dt in span[0]:
+        for dh in span[1]:
+            for dw in span[2]:
+                off = torch.tensor([dt, dh, dw], device=dev)
+                p = q + off
+                ok = ((p >= lo) & (p < lo + size)).all(1)
+                idx = torch.where(ok, grid[cell(qs, torch.where(ok[:, None], p, lo))], body.numel())
+                d = dt * dt + dh * dh + dw * dw
+                better = (idx < body.numel()) & ((d < best_d) | ((d == best_d) & (idx < best)))
+                best_d = torch.where(better, d, best_d)
+                best = torch.where(better, idx, best)
+    sure = best_d < (radius + 1) ** 2                    # anything outside the window is at least radius + 1 away
+    out[sure] = body[best[sure]]
+    rest = (~sure).nonzero()[:, 0]
+    if rest.numel():
+        nn = knn(q[rest].float(), kp.float(), 1, query_group=qs[rest], key_group=ks)
+        col = nn[:, 0] if nn.shape[1] else torch.full((rest.numel(),), -1, dtype=torch.long, device=dev)
+        out[rest] = torch.where(col >= 0, body[col.clamp_min(0)], -1)
+    return out
 
 
 def restore_full_grid(tokens: VisionTokens, layout: VisionLayout, rule: str = "sources",

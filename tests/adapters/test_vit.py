@@ -489,3 +489,29 @@ def test_assign_is_the_sequential_greedy(seed, n_candidates, flat):
     cap = torch.randint(0, 9, (D,), generator=g).float()                # total capacity < demand: some stay -1
     got = _assign(h_v, s_v, seg_v, added, cap, seg_d, n_candidates=n_candidates)
     assert got.tolist() == _brute_assign(h_v, s_v, seg_v, added, cap, seg_d)
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.1, 0.01, 0.0])
+def test_nearest_present_matches_brute_force(keep):
+    """The grid-window lookup (and its kNN fallback for patches with nothing within the window) equals a brute-force
+    nearest search: squared grid distance, ties to the lower original index, per image; -1 for an empty image."""
+    from tokcomp.adapters._vit_restore import nearest_present
+    g = torch.Generator().manual_seed(int(keep * 100))
+    h, w = 13, 17
+    layout = grid_layout(3, h, w, 1)
+    tokens = grid_tokens(torch.randn(3, 1 + h * w, 4, generator=g), h, w, 1)
+    n1 = 1 + h * w
+    keep_rows = [b * n1 for b in range(3)]                               # prefix tokens
+    for b in range(3 if keep > 0 else 2):                                # with keep 0.0: image 2 keeps nothing
+        cells = torch.randperm(h * w, generator=g)[:max(1, int(keep * h * w))]
+        keep_rows += (b * n1 + 1 + cells).tolist()
+    kept = tokens.select(torch.tensor(sorted(keep_rows)))
+    missing = torch.tensor([u for u in range(layout.n_units)
+                            if int(layout.unit_patches[u, 0]) not in set(kept.origin.tolist())])
+    got = nearest_present(kept, layout, missing)
+    for m, row in zip(missing.tolist(), got.tolist()):
+        b = int(layout.unit_segment[m])
+        _, r, c = layout.unit_grid[m].tolist()
+        cands = [(int(kept.pos[k, 1] - r) ** 2 + int(kept.pos[k, 2] - c) ** 2, int(kept.origin[k]), k)
+                 for k in range(kept.n) if not bool(kept.cls[k]) and int(kept.segment[k]) == b]
+        assert row == (min(cands)[2] if cands else -1)

@@ -40,10 +40,11 @@ def unique_rows(x: Tensor) -> tuple[Tensor, Tensor]:
         e = torch.empty(0, dtype=torch.long, device=device)
         return e, e
     xf = x.float().contiguous()
-    bits = xf.view(torch.int32).long()
     gen = torch.Generator(device="cpu").manual_seed(0x5EED)
     mult = torch.randint(1, 2**31 - 1, (xf.shape[1],), generator=gen, dtype=torch.long).to(device) * 2 + 1
-    h = (bits * mult).sum(1)                                   # int64, wraps around: a hash
+    step = max(1, (1 << 22) // max(1, xf.shape[1]))
+    h = torch.cat([(xf[a:a + step].view(torch.int32).long() * mult).sum(1)   # int64, wraps around: a hash
+                   for a in range(0, n, step)])
     order = torch.sort(h, stable=True).indices                 # equal hashes adjacent, in index order
     xs = xf[order]
     same = torch.zeros(n, dtype=torch.bool, device=device)
@@ -192,10 +193,11 @@ def _expand_duplicates(uq: Tensor, uk: Tensor, core: Tensor, k_inv: Tensor, kk: 
     out = torch.empty(core.shape[0], kk, dtype=torch.long, device=dev)
     step = max(1, chunk * 64 // max(1, kq * m))
     col = torch.arange(m, device=dev)
+    uk64 = uk.double()
     for s in range(0, core.shape[0], step):
         c = core[s:s + step]                                                 # [ch, k']
         q = uq[s:s + step].double().to(uk.device)
-        delta = ((q[:, None, :] - uk.double()[c.to(uk.device)]) ** 2).sum(-1).to(dev)   # [ch, k'] exact
+        delta = torch.stack([((q - uk64[c[:, j].to(uk.device)]) ** 2).sum(1) for j in range(kq)], 1).to(dev)
         ok = col[None, None, :] < counts[c][..., None]                       # [ch, k', m]
         idx = members[(offset[c][..., None] + col).clamp_max(members.numel() - 1)]
         key_d = torch.where(ok, delta[..., None].expand_as(ok), torch.full_like(delta[..., None], float("inf"))

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from tokcomp.ops.knn import knn
+from tokcomp.ops.knn import knn, unique_rows
 from tokcomp.tokens import VisionLayout, VisionTokens
 
 RULES = ("sources", "nearest")
@@ -139,7 +139,8 @@ def update_sources(sources: Tensor, before: VisionTokens, after: VisionTokens, d
         than its traced sources explain has capacity left; untraced vanished tokens of its segment are assigned
         greedily (smallest distance first) to the destination whose *added mean*
         ``(size_after * h_after - size_before * h_before - traced) / capacity`` is nearest (L2) to their ``before``
-        state, while capacity lasts. Vanished tokens left over were pruned (-1). Tokens of ``after`` absent from
+        state, while capacity lasts (destinations with identical added means are filled in row order; see
+        :func:`_assign`). Vanished tokens left over were pruned (-1). Tokens of ``after`` absent from
         ``before`` (restored by the strategy) represent themselves again.
     """
     dev = sources.device
@@ -201,48 +202,150 @@ def update_sources(sources: Tensor, before: VisionTokens, after: VisionTokens, d
     return out
 
 
-def _assign(h_v: Tensor, s_v: Tensor, seg_v: Tensor, added: Tensor, cap: Tensor, seg_d: Tensor) -> Tensor:
+def _assign(h_v: Tensor, s_v: Tensor, seg_v: Tensor, added: Tensor, cap: Tensor, seg_d: Tensor,
+            n_candidates: int = 16, block: int = 256) -> Tensor:
     """Greedy capacity-limited assignment of vanished tokens to destinations (see :func:`update_sources`).
 
     h_v [V, C], s_v [V], seg_v [V]; added [D, C], cap [D], seg_d [D] -> LongTensor[V] destination row or -1.
+
+    Destinations of a segment with identical added means form one *class* (flat images make large ones), its rows
+    in index order. Vanished tokens are taken in order of their distance to the nearest destination of their
+    segment (ties: lower position); each goes to the first row with capacity for its size in the nearest class of
+    its segment that has one (L2 in float64; classes at equal distance by their first row), which then loses that
+    much capacity.
+
+    Implementation (the result is exactly that sequential greedy's): one kNN finds every token's
+    ``n_candidates`` nearest classes and a Python pass walks these lists. A token whose candidates are all full
+    (tokens of a flat region all want the same classes) takes the nearest class with room from its full distance
+    row instead; the rows are computed ``block`` tokens at a time (one float64 matmul) in processing order.
     """
-    V = h_v.shape[0]
-    out = torch.full((V,), -1, dtype=torch.long, device=seg_v.device)
-    cap = cap.clone().to(seg_v.device)
-    added = added.to(h_v.device)
-    for s in torch.unique(seg_v).tolist():
-        vi = (seg_v == s).nonzero()[:, 0]
-        di = (seg_d == s).nonzero()[:, 0]
-        if di.numel() == 0:
-            continue
-        d = torch.cdist(h_v[vi.to(h_v.device)], added[di.to(added.device)]).to(seg_v.device)   # [v, d]
-        order = torch.sort(d.min(1).values, stable=True).indices
-        for j in order.tolist():
-            free = cap[di] >= s_v[vi[j]] - _TOL
-            if not bool(free.any()):
-                continue
-            cand = torch.where(free, d[j], torch.full_like(d[j], float("inf")))
-            k = int(torch.argmin(cand))
-            out[vi[j]] = di[k]
-            cap[di[k]] -= s_v[vi[j]]
-    return out
+    V, D = h_v.shape[0], added.shape[0]
+    dev = seg_v.device
+    if V == 0 or D == 0:
+        return torch.full((V,), -1, dtype=torch.long, device=dev)
+    hv, ad = h_v.float(), added.to(h_v.device).float()
+    sv, sd = seg_v.to(h_v.device), seg_d.to(h_v.device)
+    first, cls_of = unique_rows(torch.cat([ad, sd[:, None].to(ad.dtype)], 1))     # classes, by first row
+    rep, rep_seg = ad[first], sd[first]
+    n_cls = first.numel()
+    members: list[list[int]] = [[] for _ in range(n_cls)]
+    for row, c in enumerate(cls_of.tolist()):
+        members[c].append(row)                                                     # ascending rows
+    caps, sizes = cap.float().tolist(), s_v.float().tolist()
+    least = min(sizes) - _TOL                     # a destination with less room than this fits no token any more
+    ptr = [0] * n_cls                             # members before ptr[c] are full for good
+    # an upper bound of each class's largest room (exact after a failed fit), for the full-row search
+    bound = torch.full((n_cls,), float("-inf"), dtype=torch.float64)
+    bound.scatter_reduce_(0, cls_of.cpu(), cap.double().cpu(), reduce="amax")
+
+    def fit_class(c: int, need: float) -> int:
+        m = members[c]
+        while ptr[c] < len(m) and caps[m[ptr[c]]] < least:
+            ptr[c] += 1
+        for r in m[ptr[c]:]:
+            if caps[r] >= need:
+                return r
+        bound[c] = max((caps[r] for r in m[ptr[c]:]), default=0.0)
+        return -1
+
+    kc = max(1, min(int(n_candidates), n_cls))
+    nn = knn(hv, rep, kc, query_group=sv, key_group=rep_seg)                      # [V, kc] classes, -1 padded
+    n_in_seg = torch.bincount(rep_seg, minlength=int(max(int(sv.max()), int(sd.max()))) + 1)
+    complete = (n_in_seg[sv] <= kc).tolist()          # the list holds every class of the token's segment
+    near = nn[:, 0]
+    dmin = ((hv.double() - rep.double()[near.clamp_min(0)]) ** 2).sum(1).masked_fill(near < 0, float("inf"))
+    order = torch.sort(dmin, stable=True).indices.tolist()
+    rep64, rep_sq = rep.double(), (rep.double() ** 2).sum(1)
+    rows: dict[int, Tensor] = {}                                                   # full distance rows, by token
+
+    def full_row(pos: int) -> Tensor:
+        j = order[pos]
+        if j not in rows:
+            ids = torch.tensor([jj for jj in order[pos:pos + block] if jj not in rows], device=hv.device)
+            q = hv[ids].double()
+            d = torch.addmm(rep_sq[None, :] + (q * q).sum(1, keepdim=True), q, rep64.T, alpha=-2.0)
+            d = d.masked_fill(sv[ids][:, None] != rep_seg[None, :], float("inf")).cpu()
+            for r, jj in enumerate(ids.tolist()):
+                rows[jj] = d[r]
+        return rows.pop(j)
+
+    out = [-1] * V
+    for pos, j in enumerate(order):
+        if int(near[j]) < 0:
+            continue                                                               # no destination in its segment
+        need = sizes[j] - _TOL
+        pick = -1
+        for c in nn[j].tolist():
+            if c < 0:
+                break
+            pick = fit_class(c, need)
+            if pick >= 0:
+                break
+        if pick < 0 and not complete[j]:                                           # nearest class with room
+            d = full_row(pos)
+            while pick < 0:
+                c = int(torch.argmin(d.masked_fill(bound < need, float("inf"))))
+                if not bool(bound[c] >= need) or d[c] == float("inf"):
+                    break
+                pick = fit_class(c, need)
+        rows.pop(j, None)
+        if pick >= 0:
+            out[j] = pick
+            caps[pick] -= sizes[j]
+    return torch.tensor(out, dtype=torch.long, device=dev)
 
 
 # ------------------------------------------------------------------------------------------------------
 # restoration
 # ------------------------------------------------------------------------------------------------------
-def nearest_present(tokens: VisionTokens, layout: VisionLayout, missing: Tensor) -> Tensor:
+def nearest_present(tokens: VisionTokens, layout: VisionLayout, missing: Tensor, radius: int = 3) -> Tensor:
     """For grid patches ``missing`` (LongTensor[M] unit ids), the row of ``tokens`` of the nearest present non-prefix
     token of the same image (squared (t, h, w) grid distance; ties to the lower original index); -1 if the image
-    kept no patch."""
+    kept no patch.
+
+    The present cells within ``radius`` (per axis) of each missing patch are looked up on a dense grid map (a
+    nearest one there at distance < radius + 1 is the nearest overall), so the cost is linear in the grid; patches
+    with nothing that close (heavy pruning) fall back to a kNN over the present tokens of their image."""
     body = (~tokens.cls).nonzero()[:, 0]
     body = body[torch.argsort(tokens.origin[body], stable=True)]
     dev = tokens.pos.device
-    q = layout.unit_grid.to(dev)[missing.to(dev)].float()
-    nn = knn(q, tokens.pos[body].float(), 1, query_group=layout.unit_segment.to(dev)[missing.to(dev)],
-             key_group=tokens.segment[body])
-    col = nn[:, 0] if nn.shape[1] else torch.full((q.shape[0],), -1, dtype=torch.long, device=dev)
-    return torch.where(col >= 0, body[col.clamp_min(0)], -1)
+    missing = missing.to(dev)
+    out = torch.full((missing.numel(),), -1, dtype=torch.long, device=dev)
+    if missing.numel() == 0 or body.numel() == 0:
+        return out
+    q, qs = layout.unit_grid.to(dev)[missing], layout.unit_segment.to(dev)[missing]
+    kp, ks = tokens.pos[body], tokens.segment[body]
+    lo = torch.minimum(q.min(0).values, kp.min(0).values)
+    size = torch.maximum(q.max(0).values, kp.max(0).values) - lo + 1                 # (T, H, W)
+    n_seg = int(max(int(qs.max()), int(ks.max()))) + 1
+
+    def cell(seg: Tensor, p: Tensor) -> Tensor:
+        p = p - lo
+        return ((seg * size[0] + p[:, 0]) * size[1] + p[:, 1]) * size[2] + p[:, 2]
+    grid = torch.full((n_seg * int(size.prod()),), body.numel(), dtype=torch.long, device=dev)
+    grid.scatter_reduce_(0, cell(ks, kp), torch.arange(body.numel(), device=dev), reduce="amin")  # lowest origin
+    best_d = torch.full((missing.numel(),), radius ** 2 * 3 + 1, dtype=torch.long, device=dev)
+    best = torch.full((missing.numel(),), body.numel(), dtype=torch.long, device=dev)
+    span = [range(-radius, radius + 1) if int(size[a]) > 1 else range(1) for a in range(3)]
+    for dt in span[0]:
+        for dh in span[1]:
+            for dw in span[2]:
+                off = torch.tensor([dt, dh, dw], device=dev)
+                p = q + off
+                ok = ((p >= lo) & (p < lo + size)).all(1)
+                idx = torch.where(ok, grid[cell(qs, torch.where(ok[:, None], p, lo))], body.numel())
+                d = dt * dt + dh * dh + dw * dw
+                better = (idx < body.numel()) & ((d < best_d) | ((d == best_d) & (idx < best)))
+                best_d = torch.where(better, d, best_d)
+                best = torch.where(better, idx, best)
+    sure = best_d < (radius + 1) ** 2                    # anything outside the window is at least radius + 1 away
+    out[sure] = body[best[sure]]
+    rest = (~sure).nonzero()[:, 0]
+    if rest.numel():
+        nn = knn(q[rest].float(), kp.float(), 1, query_group=qs[rest], key_group=ks)
+        col = nn[:, 0] if nn.shape[1] else torch.full((rest.numel(),), -1, dtype=torch.long, device=dev)
+        out[rest] = torch.where(col >= 0, body[col.clamp_min(0)], -1)
+    return out
 
 
 def restore_full_grid(tokens: VisionTokens, layout: VisionLayout, rule: str = "sources",

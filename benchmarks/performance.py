@@ -124,6 +124,13 @@ def selection(args):
 
 
 
+def _qwen2b(dtype, text_layers=None):
+    """The Qwen2-VL-2B-shaped preset (real depths and widths, random weights)."""
+    from tokcomp.testing import build_model
+    over = {} if text_layers is None else {"text_layers": text_layers}
+    return build_model("qwen2-vl-2b-shaped", dtype=getattr(torch, dtype), **over)
+
+
 def _with_keep(name: str, k: float) -> str:
     """``"dart_vit(layer=2)"`` + 0.35 -> ``"dart_vit(layer=2,keep_ratio=0.35)"``; bare names get ``(keep_ratio=k)``."""
     return f"{name[:-1]},keep_ratio={k})" if name.endswith(")") else f"{name}(keep_ratio={k})"

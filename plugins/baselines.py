@@ -73,29 +73,62 @@ class PoolConfig(StrategyConfig):
                                    description="pool after this vision block (None: after the last block)")
 
 
-class Pool(ViTCompressor):
-    """Average-pool whole units over ``ph x pw`` windows of each segment's unit grid (size-weighted, patch-wise).
+def pool_windows(h: int, w: int, k: int) -> torch.Tensor:
+    """A partition of an ``h x w`` grid into exactly ``k`` rectangular windows (``1 <= k <= h*w``).
 
-    The window is the near-square factorisation of ``round(1 / keep_ratio)`` (wider than tall), or of
-    ``ceil(units / num_tokens)``; partial windows at the edges pool fewer units. Each pooled unit sits at the
-    placeholder (and the positions) of its window's top-left unit."""
+    If ``k = gh * gw`` with ``gh | h`` and ``gw | w``, every window is ``(h/gh) x (w/gw)``, the most square such
+    shape (ties: wider than tall). Otherwise the rows form ``gh`` bands of near-equal height (``gh ~ sqrt(k h / w)``,
+    at least ``ceil(k / w)``), band ``b`` holds ``c_b`` windows of near-equal width side by side, and the ``c_b``
+    (each at most ``w``) follow the bands' heights (largest remainders, ties to the upper band), summing to ``k``.
+
+    Returns:
+        LongTensor[h, w] window id of every cell, ids ``0 .. k-1`` in raster order of the windows' top-left cells.
+    """
+    h, w = int(h), int(w)
+    k = max(1, min(int(k), h * w))
+    best = None
+    for gh in range(1, min(h, k) + 1):
+        if h % gh or k % gh or w % (k // gh):
+            continue
+        ph, pw = h // gh, w // (k // gh)
+        score = (max(ph, pw) / min(ph, pw), ph > pw)
+        if best is None or score < best[0]:
+            best = (score, gh)
+    if best is not None:
+        gh = best[1]
+        counts = [k // gh] * gh
+    else:
+        lo, hi = -(-k // w), min(h, k)
+        gh = min(max(round(math.sqrt(k * h / w)), lo), hi)
+        heights = torch.bincount(torch.arange(h) * gh // h, minlength=gh).tolist()
+        ideal = [k * hb / h for hb in heights]
+        counts = [min(int(x), w) for x in ideal]
+        for b in sorted(range(gh), key=lambda b: (-(ideal[b] - int(ideal[b])), b)):
+            if sum(counts) == k:
+                break
+            if counts[b] < w:
+                counts[b] += 1
+        while sum(counts) < k:   # capped bands left room elsewhere
+            b = next(b for b in range(gh) if counts[b] < w)
+            counts[b] += 1
+    band = torch.arange(h) * gh // h                                   # [h]
+    c = torch.tensor(counts, dtype=torch.long)
+    offset = torch.cumsum(c, 0) - c
+    col = torch.arange(w)
+    return offset[band][:, None] + (col[None, :] * c[band][:, None]) // w
+
+
+class Pool(ViTCompressor):
+    """Average-pool whole units over rectangular windows of each segment's unit grid (size-weighted, patch-wise).
+
+    Each segment ends with exactly ``keep_count(units)`` units: its unit grid is split into that many windows by
+    :func:`pool_windows` (equal windows whenever the count factors over the grid, otherwise bands of near-equal
+    windows). Each pooled unit sits at the placeholder (and the positions) of its window's top-left unit."""
 
     name = "pool"
     summary = "2-D average pooling of units on the unit grid (baseline)"
     granularity = "unit"
     Config = PoolConfig
-
-    @staticmethod
-    def window(area: int) -> tuple[int, int]:
-        """``(ph, pw)``: the most square factorisation of ``area`` with ``ph <= pw``."""
-        area = max(1, int(area))
-        ph = max(d for d in range(1, int(math.isqrt(area)) + 1) if area % d == 0)
-        return ph, area // ph
-
-    def _area(self, n_units: int) -> int:
-        if self.config.num_tokens is not None:
-            return max(1, math.ceil(n_units / self.config.num_tokens))
-        return max(1, round(1.0 / float(self.config.keep_ratio)))
 
     def after_block(self, i: int, tokens: VisionTokens, ctx: VisionContext) -> VisionTokens:
         at = ctx.depth - 1 if self.config.layer is None else self.config.layer
@@ -106,12 +139,12 @@ class Pool(ViTCompressor):
         window = torch.empty_like(ids)
         for s in torch.unique(seg).tolist():
             m = seg == s
-            ph, pw = self.window(self._area(int(m.sum())))
-            t, h, w = cell[m].unbind(-1)
-            wh, ww = h // ph, w // pw
-            n_w = int(ww.max()) + 1
-            local = (t * (int(wh.max()) + 1) + wh) * n_w + ww
-            window[m] = local + (s << 32)  # unique per segment
+            t, y, x = cell[m].unbind(-1)
+            y = (t - t.min()) * (int(y.max()) + 1) + y - y.min()      # frames stacked (a segment is one frame)
+            x = x - x.min()
+            h, w = int(y.max()) + 1, int(x.max()) + 1
+            grid = pool_windows(h, w, self.config.keep_count(int(m.sum()))).to(ids.device)
+            window[m] = grid[y, x] + (s << 32)  # unique per segment
         _, win = torch.unique(window, return_inverse=True)
         n_win = int(win.max()) + 1
         x = tokens.hidden[rows]                                   # [U, u, C]

@@ -12,19 +12,28 @@ Inference", ICML'25; code ``Gumpest/SparseVLMs`` v1.5): progressive, text-guided
    and each cluster's mean hidden state replaces the hidden state of its centre token, which stays at its
    original position (the reference appends merged tokens after the kept ones and renumbers positions).
 
-Budget: stages before layers {3, 7, 16} of 32 (the reference's ``pruning_loc = [2, 6, 15]``, which prunes the
-OUTPUT of those layers), scaled to the depth. The v1.5 fixed schedules (``score.py``, of 576 visual tokens:
-"192" -> 300/200/110, "128" -> 303/110/36, "96" -> 238/48/26, "64" -> 66/30/17) are the anchors of the budget
-interpolation in ``plugins/_progressive.py``; the default keep_ratio (≈0.3088) reproduces the "192" schedule on a
-32-layer LLM. Recycled tokens count toward a stage's budget (the reference adds them on top of it), so the
-achieved counts equal the schedule exactly.
+Budget (``count="schedule"``, default): stages before layers {3, 7, 16} of 32 (the reference's ``pruning_loc =
+[2, 6, 15]``, which prunes the OUTPUT of those layers), scaled to the depth. The v1.5 fixed schedules (``score.py``,
+of 576 visual tokens: "192" -> 300/200/110, "128" -> 303/110/36, "96" -> 238/48/26, "64" -> 66/30/17) are the
+anchors of the budget interpolation in ``plugins/_progressive.py``; the default keep_ratio (≈0.3088) reproduces the
+"192" schedule on a 32-layer LLM.
+
+``count="rank"`` is the paper's (and v1.0's, commit ``91fb6d9``) rank-adaptive count instead: stages before layers
+{3, 7, 16, 20} of 32 (v1.0's ``pruning_loc = [2, 6, 15, 19]``), and at each stage, with ``R`` the head-averaged
+attention of the raters over the row's current visual tokens, ``n_keep = min(int(rank(R) * rank_scale +
+rank_bias), n - 1)`` (v1.0: scale 13.5, bias 0; ``torch.linalg.matrix_rank`` with its default tolerance); a stage
+where ``rank(R) == n`` keeps everything and recycles nothing. No keep_ratio applies: the count follows the image.
+
+``recycled="inside"`` (default): recycled tokens count toward a stage's count, so the achieved counts equal the
+schedule exactly. ``recycled="extra"``: as the official code, the top ``n_keep`` are kept and the recycled cluster
+tokens come on top (v1.5 at 576 tokens: 309 / 204 / 113 instead of 300 / 200 / 110).
 """
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from tokcomp.hookspecs import hookimpl
 from tokcomp.ops.cluster import dpc_knn, merge_clusters
@@ -40,6 +49,8 @@ PAPER_LAYERS = (3, 7, 16)
 #: v1.5 fixed budgets (score.py) as fractions of LLaVA's 576 visual tokens, keyed by RETAIN_TOKN
 PAPER_SCHEDULES = {192: (300, 200, 110), 128: (303, 110, 36), 96: (238, 48, 26), 64: (66, 30, 17)}
 PAPER_FRACTIONS = [tuple(v / 576 for v in s) for s in PAPER_SCHEDULES.values()]
+#: v1.0 (rank-adaptive) pruning_loc [2, 6, 15, 19] prunes after those layers = before 4 stages
+RANK_LAYERS = (3, 7, 16, 20)
 
 
 class SparseVLMConfig(ProgressiveConfig):
@@ -53,6 +64,39 @@ class SparseVLMConfig(ProgressiveConfig):
                                                 "(reference: 0.3)")
     cluster_size: int = Field(10, ge=1, description="recycled tokens per cluster: int(p / cluster_size) + 1 "
                                                     "clusters (reference: 10)")
+    recycled: Literal["inside", "extra"] = Field(
+        "inside", description="'inside': recycled cluster tokens count toward the stage's count (achieved = schedule); "
+                              "'extra': they come on top of it, as the official code")
+    count: Literal["schedule", "rank"] = Field(
+        "schedule", description="'schedule': v1.5's fixed schedules fitted to the budget; 'rank': v1.0's rank-adaptive "
+                                "count min(int(rank(R) * rank_scale + rank_bias), n - 1) at v1.0's layers (no budget)")
+    rank_scale: float = Field(13.5, gt=0.0, description="count='rank': tokens kept per unit of rank (v1.0: 13.5)")
+    rank_bias: float = Field(0.0, description="count='rank': added to rank * rank_scale (v1.0: 0)")
+
+    @model_validator(mode="after")
+    def _rank_has_no_budget(self):
+        if self.count == "rank" and ({"keep_ratio", "num_tokens", "schedule"} & self.model_fields_set):
+            raise ValueError("count='rank' sets each stage's count from the attention rank; it takes no keep_ratio, "
+                             "num_tokens or schedule; fix: drop them, or use count='schedule'")
+        return self
+
+
+def rank_count(relation: torch.Tensor, scale: float = 13.5, bias: float = 0.0) -> int:
+    """SparseVLM v1.0's rank-adaptive count for one row (``score.py:attn_postprocess_rank``).
+
+    Args:
+        relation: Tensor[R, n] head-averaged attention of the R raters over the n current visual tokens.
+    Returns:
+        ``n`` when ``rank(relation) == n`` (no pruning), else ``min(int(rank * scale + bias), n - 1)`` clamped at 0;
+        the rank is ``torch.linalg.matrix_rank`` in float32 with its default tolerance, as the reference.
+    """
+    n = relation.shape[-1]
+    if n == 0 or relation.shape[0] == 0:
+        return n
+    rank = int(torch.linalg.matrix_rank(relation.float()))
+    if rank == n:
+        return n
+    return max(0, min(int(rank * scale + bias), n - 1))
 
 
 def text_raters(visual: torch.Tensor, text: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
@@ -77,37 +121,43 @@ def text_raters(visual: torch.Tensor, text: torch.Tensor, chunk: int = 4096) -> 
 
 
 def recycle_select(score: torch.Tensor, n_keep: int, hidden: torch.Tensor | None, fraction: float = 0.3,
-                   cluster_size: int = 10) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Top-scored tokens plus recycled cluster tokens, ``n_keep`` in all, for one row.
+                   cluster_size: int = 10, extra: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Top-scored tokens plus recycled cluster tokens for one row.
 
     Args:
         score: Tensor[n] scores of the row's current visual tokens.
-        n_keep: tokens after this stage (recycled included), clamped to ``[0, n]``.
+        n_keep: the stage's count, clamped to ``[0, n]``: tokens after this stage, recycled included (``extra``
+            False), or top-scored tokens kept with the recycled ones on top (``extra`` True, the official code).
         hidden: Tensor[n, D] their hidden states, or None (no recycling).
         fraction / cluster_size: recycling parameters (module docstring).
     Returns:
-        ``(kept LongTensor[n_keep - c], centres LongTensor[c], merged Tensor[c, D] or None)``; indices into the n
-        tokens, ``kept`` ascending. With m = n - n_keep nominally dropped tokens: ``p = min(int(fraction * m) + 1,
-        m)``, ``c = min(int(p / cluster_size) + 1, p, n_keep)``; the top ``n_keep - c`` are kept, the best ``p``
-        of the rest (score order, ties by lower index) are clustered with ``dpc_knn(k = c)`` and merged by mean
-        (one cluster: all p merged into the slot of the best-scored one; DPC's centre would be a tie there).
+        ``(kept LongTensor[k], centres LongTensor[c], merged Tensor[c, D] or None)``; indices into the n tokens,
+        ``kept`` ascending. With m = n - n_keep nominally dropped tokens: ``p = min(int(fraction * m) + 1, m)``,
+        ``c = min(int(p / cluster_size) + 1, p)`` (and at most ``n_keep`` when not ``extra``). Not ``extra``: the
+        top ``k = n_keep - c`` are kept and the best ``p`` of the rest are recycled; ``extra``: the top ``k =
+        n_keep`` are kept and the best ``p`` of the m dropped ones are recycled (``n_keep + c`` in all). Recycled
+        tokens (score order, ties by lower index) are clustered with ``dpc_knn(k = c)`` and merged by mean, each
+        cluster in the slot of its centre (one cluster: in the slot of the best-scored one; DPC's centre would be a
+        tie there).
     """
     n = score.shape[0]
     n_keep = max(0, min(int(n_keep), n))
     order = stable_order(score)
     empty = order[:0]
     m = n - n_keep
-    if hidden is None or m == 0 or n_keep == 0:
+    if hidden is None or m == 0 or (n_keep == 0 and not extra):
         return torch.sort(order[:n_keep]).values, empty, None
     p = min(int(fraction * m) + 1, m)
-    c = min(p // cluster_size + 1, p, n_keep)
-    pool = order[n_keep - c:][:p]
+    c = min(p // cluster_size + 1, p) if extra else min(p // cluster_size + 1, p, n_keep)
+    top = n_keep if extra else n_keep - c
+    pool = order[top:][:p]
     x = hidden.index_select(0, pool.to(hidden.device))
     if c == 1:  # one cluster: DPC's k=1 density is constant and its centre a tie; take the best-scored token
-        return torch.sort(order[:n_keep - 1]).values, pool[:1], merge_clusters(x, torch.zeros_like(pool), 1)
+        return torch.sort(order[:top]).values, pool[:1], merge_clusters(x, torch.zeros_like(pool), 1)
     centers, assign = dpc_knn(x, c, c)
     merged = merge_clusters(x, assign, c)
-    return torch.sort(order[:n_keep - c]).values, pool[centers.to(pool.device)], merged
+    return torch.sort(order[:top]).values, pool[centers.to(pool.device)], merged
 
 
 class SparseVLM(ProgressivePruner):
@@ -125,7 +175,8 @@ class SparseVLM(ProgressivePruner):
     _RATERS = "sparsevlm.raters"  # ctx key: per row, LongTensor of the raters' original indices
 
     def default_layers(self, n_layers: int) -> list[int]:
-        return scale_layers(PAPER_LAYERS, PAPER_DEPTH, n_layers)
+        layers = RANK_LAYERS if self.config.count == "rank" else PAPER_LAYERS
+        return scale_layers(layers, PAPER_DEPTH, n_layers)
 
     def anchors(self, layers: list[int], n_layers: int) -> list[list[float]]:
         return scaled_paper_anchors(layers, PAPER_FRACTIONS)
@@ -178,7 +229,8 @@ class SparseVLM(ProgressivePruner):
             raise ValueError("sparsevlm needs attention rows of the text queries (step.attn is None); the adapter "
                              "must serve attention_queries(layer) == 'text'")
         cfg = self.config
-        budgets = self.stage_budget(step, ctx)
+        rank = cfg.count == "rank"
+        budgets = [None] * step.visual.shape[0] if rank else self.stage_budget(step, ctx)
         keep, replace = [], []
         with torch.no_grad():
             self.raters(step, ctx)
@@ -186,13 +238,19 @@ class SparseVLM(ProgressivePruner):
                 pos = step.visual[b].nonzero()[:, 0]
                 rows = self.rater_rows(step, ctx, b)
                 if rows.numel():
-                    score = step.attn[b][:, rows.to(step.attn.device)].float().mean(0).mean(0)  # [L]
+                    relation = step.attn[b][:, rows.to(step.attn.device)].float().mean(0)          # [R, L]
+                    score = relation.mean(0)
                 else:
+                    relation = None
                     score = torch.zeros(step.visual.shape[1], device=step.attn.device)
                 vis_score = score[pos.to(score.device)]
+                if rank:
+                    budget = pos.numel() if relation is None else rank_count(
+                        relation[:, pos.to(relation.device)], cfg.rank_scale, cfg.rank_bias)
                 hidden = step.hidden[b].index_select(0, pos.to(step.hidden.device)) if cfg.recycle else None
                 kept, centres, merged = recycle_select(vis_score, min(budget, pos.numel()), hidden,
-                                                       cfg.recycle_fraction, cfg.cluster_size)
+                                                       cfg.recycle_fraction, cfg.cluster_size,
+                                                       extra=cfg.recycled == "extra")
                 kept, centres = pos[kept.to(pos.device)], pos[centres.to(pos.device)]
                 keep.append(torch.sort(torch.cat([kept, centres])).values)
                 replace.append((centres, merged) if merged is not None and centres.numel() else None)

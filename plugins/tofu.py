@@ -1,7 +1,8 @@
 """ToFu: Token Fusion (Kim, Gao, Hsu, Shen, Jin; WACV 2024; arXiv 2312.01026), at unit granularity.
 
 ToFu keeps ToMe's matching (:mod:`tokcomp.plugins.tome`: whole units, head-averaged keys, bipartite soft matching
-per segment, the same ``r`` schedule and proportional attention) and changes the merge rule per block:
+per segment over ToMe's sequence order (``order``, default ``"tome"``), the same ``r`` schedule and proportional
+attention) and changes the merge rule per block:
 
 * blocks ``< merge_from_layer``: **prune** -- the matched source unit is dropped, the destination keeps its
   features unchanged; sizes add up (``size_dst += size_src``, so proportional attention still counts the area);

@@ -4,10 +4,14 @@ In every block from ``start_layer`` on, between attention and MLP (``BlockVarian
 
 * the metric of a unit (the 2x2 patch group that becomes one LLM token) is the mean of its patches' keys,
   averaged over heads (the keys of this block's attention);
-* bipartite soft matching within each segment (image, video frame, InternVL tile; never across segments): the
-  segment's units, in unit order, alternate between set A and set B; every A unit finds its most cosine-similar B
-  unit; the ``r_s`` A units with the highest similarity merge into their match (at most half of the segment's units
-  per block);
+* bipartite soft matching within each segment (image, video frame, InternVL tile; never across segments), as
+  ToMe's ``bipartite_soft_matching``: the segment's sequence alternates between set A and set B; every A unit finds
+  its most cosine-similar B unit; the ``r_s`` A units with the highest similarity merge into their match (at most
+  half of the segment's units per block). ``order="tome"`` (default) is ToMe's sequence: CLS (and any other prefix
+  token) first, protected, then the units; after each merge the sequence is the one ToMe's ``merge`` returns
+  (``[CLS, unmerged A, all B]``), which decides the next block's split. The token rows themselves never move (the
+  sequence is bookkeeping in ``ctx.state``). ``order="spatial"`` alternates over the units in unit order in every
+  block, CLS left out (the order-preserving variant);
 * merging is patch-wise and size-weighted (TL with TL, TR with TR, ...): ``x_dst = sum(s x) / sum(s)``; the merged
   unit keeps the destination unit's id, positions and rotary embedding, so the LLM sees it at an original position;
 * proportional attention: once sizes differ from 1, every block adds ``log(size)`` of each key to the logits
@@ -49,23 +53,54 @@ class ToMeConfig(StrategyConfig):
         description="how the merges are spread over blocks start_layer..last: 'constant' (equal r), 'decreasing' "
                     "(ToMe's inflect=-1 linear ramp) or one non-negative weight per merging block")
     prop_attn: bool = Field(True, description="proportional attention: add log(size) of each key to the logits")
+    order: Literal["tome", "spatial"] = Field(
+        "tome",
+        description="the sequence the A/B sets alternate over: 'tome' = the official code's (CLS first and in the "
+                    "alternation; after each merge [CLS, unmerged A, B]); 'spatial' = units in their original order in "
+                    "every block, CLS left out")
 
 
-def unit_bipartite_match(tokens: VisionTokens, keys: Tensor, r_per_segment: Tensor) -> tuple[Match, Tensor]:
+def unit_bipartite_match(tokens: VisionTokens, keys: Tensor, r_per_segment: Tensor,
+                         seq: Tensor | None = None) -> tuple[Match, Tensor]:
     """ToMe's matching on whole units.
 
     Args:
-        tokens: the current token set (complete units, optional CLS rows, which never take part).
+        tokens: the current token set (complete units, optional CLS rows).
         keys: [N, d] head-averaged keys of this block.
         r_per_segment: LongTensor[S] units to remove per segment.
+        seq: None: the units alternate in unit order and CLS rows never take part ("spatial"). Otherwise
+            LongTensor[U_all] (indexed by unit id): each unit's position in ToMe's sequence of its segment; the
+            CLS rows then stand first in their segment's sequence (in row order) and take part as protected
+            tokens, as ToMe's ``class_token``.
     Returns:
-        (unit-level :class:`Match` indexing the rows of ``rows``, ``rows`` LongTensor[U, u] from
+        (unit-level :class:`Match` indexing the rows of ``rows``; with ``seq``, its ``order`` holds each surviving
+        unit's position in the sequence ToMe's merge returns (CLS rows counted), ``rows`` LongTensor[U, u] from
         :meth:`VisionTokens.units`).
     """
-    _, rows = tokens.units()
+    ids, rows = tokens.units()
     seg = tokens.segment[rows[:, 0]]
     metric = unit_features(keys, rows.to(keys.device), "mean")
-    return matching_per_segment(metric, seg.to(metric.device), r_per_segment), rows
+    if seq is None:
+        return matching_per_segment(metric, seg.to(metric.device), r_per_segment), rows
+    dev = metric.device
+    cls_rows = tokens.cls.nonzero()[:, 0]
+    n_cls = int(cls_rows.numel())
+    items_metric = torch.cat([keys[cls_rows.to(keys.device)].to(metric.dtype), metric])
+    items_seg = torch.cat([tokens.segment[cls_rows], seg]).to(dev)
+    key = torch.cat([cls_rows - tokens.n, seq.to(ids.device)[ids]]).to(dev)       # CLS first, in row order
+    perm = torch.sort(key, stable=True).indices
+    perm = perm[torch.sort(items_seg[perm], stable=True).indices]
+    protected = (perm < n_cls)
+    m = matching_per_segment(items_metric[perm], items_seg[perm], r_per_segment.to(dev), protected)
+    src, dst = perm[m.src] - n_cls, perm[m.dst] - n_cls                             # never CLS (protected)
+    by_src = torch.argsort(src)
+    src, dst = src[by_src], dst[by_src]
+    kept_items = perm[m.keep]
+    unit_kept = kept_items >= n_cls
+    by_unit = torch.argsort(kept_items[unit_kept])
+    keep = (kept_items[unit_kept] - n_cls)[by_unit]
+    order = m.order[unit_kept][by_unit]
+    return Match(src, dst, keep, order), rows
 
 
 class ToMe(ViTCompressor):
@@ -121,8 +156,22 @@ class ToMe(ViTCompressor):
             return BlockVariant(size_bias=True) if size_bias else None
         return BlockVariant(size_bias=size_bias, mid=functools.partial(self._mid, i=i, r=r, ctx=ctx))
 
+    def sequence(self, ctx: VisionContext) -> Tensor | None:
+        """LongTensor[U] (by unit id): each unit's position in ToMe's sequence of its segment, kept in ``ctx.state``
+        for the forward (starts as the unit order); None with ``order="spatial"``."""
+        if self.config.order != "tome":
+            return None
+        key = self._KEY + ".seq"
+        if key not in ctx.state:
+            ctx.state[key] = torch.arange(ctx.layout.n_units)
+        return ctx.state[key]
+
     def _mid(self, tokens: VisionTokens, keys: Tensor, *, i: int, r: Tensor, ctx: VisionContext) -> VisionTokens:
-        match, rows = unit_bipartite_match(tokens, keys, r.to(keys.device))
+        seq = self.sequence(ctx)
+        match, rows = unit_bipartite_match(tokens, keys, r.to(keys.device), seq)
+        if seq is not None:
+            ids = tokens.unit[rows[match.keep.to(rows.device), 0]].to(seq.device)
+            seq[ids] = match.order.to(seq.device)
         if match.r == 0:
             return tokens
         rm = unit_match_rows(match, rows, tokens.n)

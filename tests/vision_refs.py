@@ -110,3 +110,111 @@ def naive_tower(tower, full, r_table, start, prop_attn, rule_of=lambda i: "wavg"
                 t, merged = naive_apply_pairs(t, pairs, rule_of(i)), True
         t = t.with_hidden(t.hidden + tower.mlp(i, t.hidden))
     return t
+
+
+# ------------------------------------------------------------------------------------------------------
+# ToMe as the official code runs it (facebookresearch/ToMe, tome/merge.py + tome/patch/timm.py)
+# ------------------------------------------------------------------------------------------------------
+def tome_items(tokens: VisionTokens) -> list[list[int]]:
+    """The rows of ``tokens`` as ToMe's items, in row order: a prefix (CLS) row alone, a unit's rows together
+    (ordered by origin). The reference below keeps its rows in ToMe's sequence order, so this is the sequence."""
+    items, seen = [], {}
+    for row in range(tokens.n):
+        if bool(tokens.cls[row]):
+            items.append([row])
+            continue
+        u = int(tokens.unit[row])
+        if u not in seen:
+            seen[u] = len(items)
+            items.append([])
+        items[seen[u]].append(row)
+    return [sorted(it, key=lambda r: int(tokens.origin[r])) for it in items]
+
+
+def tome_initial_sequence(tokens: VisionTokens) -> VisionTokens:
+    """ToMe's input sequence of every segment: its prefix rows, then its units in unit-id order (each unit's rows
+    contiguous), segments in order. For a plain ViT this is the original ``[CLS, p0, p1, ...]``."""
+    rows = []
+    for s in sorted(set(tokens.segment.tolist())):
+        pre = [r for r in range(tokens.n) if int(tokens.segment[r]) == s and bool(tokens.cls[r])]
+        units = sorted({int(tokens.unit[r]) for r in range(tokens.n) if int(tokens.segment[r]) == s
+                        and not bool(tokens.cls[r])})
+        body = [r for u in units for r in sorted((r for r in range(tokens.n) if int(tokens.unit[r]) == u
+                                                  and not bool(tokens.cls[r])), key=lambda r: int(tokens.origin[r]))]
+        rows += pre + body
+    return tokens.select(torch.tensor(rows, dtype=torch.long))
+
+
+def official_tome_step(tokens: VisionTokens, keys: torch.Tensor, r_seg: list[int]
+                       ) -> tuple[VisionTokens, list[tuple[int, int]]]:
+    """One ToMe merge per segment, written from the official ``bipartite_soft_matching`` (rows must be in ToMe's
+    sequence order, see :func:`tome_initial_sequence`).
+
+    Per segment with t items (a CLS row or a whole unit; the metric of a unit is its rows' mean key) and its first
+    item a prefix row (``class_token``) or not: ``r = min(r, (t - protected) // 2)``, nothing happens if r <= 0;
+    A = items 0, 2, 4, ..., B = items 1, 3, 5, ...; cosine scores A x B, the CLS row of A and the distillation
+    column of B (a second prefix item) set to -inf; each A's best B (first maximum); A ordered by best score
+    descending (a stable sort); the first r merge into their best B; the rest stay, sorted by A position when
+    there is a CLS. The merge is the size-weighted mean (``merge_wavg``) and the new sequence is
+    ``[unmerged A, all B]`` (with a distillation token: ``[CLS, distill, other unmerged A, other B]``).
+    Returns the new token set (rows in the new sequence) and the (src unit, dst unit) pairs.
+    """
+    items_all = tome_items(tokens)
+    pairs, new_rows = [], []
+    for s in sorted(set(tokens.segment.tolist())):
+        items = [it for it in items_all if int(tokens.segment[it[0]]) == s]
+        t = len(items)
+        cls_tok = bool(tokens.cls[items[0][0]])
+        distill = t > 1 and bool(tokens.cls[items[1][0]])
+        protected = int(cls_tok) + int(distill)
+        r = min(r_seg[s], (t - protected) // 2)
+        if r <= 0:
+            new_rows += [row for it in items for row in it]
+            continue
+        metric = [keys[it].double().mean(0).tolist() for it in items]
+        a_items, b_items = list(range(0, t, 2)), list(range(1, t, 2))
+        node_max, node_idx = [], []
+        for ai, a in enumerate(a_items):
+            sc = [(_cos(metric[a], metric[b]) if not (cls_tok and ai == 0) and not (distill and bi == 0)
+                   else -math.inf) for bi, b in enumerate(b_items)]
+            top = max(sc)
+            node_max.append(top)
+            node_idx.append(sc.index(top))
+        edge = sorted(range(len(a_items)), key=lambda ai: -node_max[ai])
+        src, unm = edge[:r], edge[r:]
+        if cls_tok:
+            unm = sorted(unm)
+        for ai in src:
+            pairs.append((int(tokens.unit[items[a_items[ai]][0]]), int(tokens.unit[items[b_items[node_idx[ai]]][0]])))
+        seq = [a_items[ai] for ai in unm] + b_items
+        if distill:
+            seq = [a_items[unm[0]], b_items[0]] + [a_items[ai] for ai in unm[1:]] + b_items[1:]
+        new_rows += [row for k in seq for row in items[k]]
+    order = {int(tokens.origin[row]): pos for pos, row in enumerate(new_rows)}
+    merged = naive_apply_pairs(tokens, pairs)
+    rank = torch.tensor([order[int(o)] for o in merged.origin.tolist()])
+    return merged.select(torch.argsort(rank)), pairs
+
+
+def official_tome_tower(tower, full, r_table, start, prop_attn=True, rule_of=lambda i: "wavg"):
+    """The ToMe tower as the official code runs it: rows in ToMe's sequence order, attention (size bias once
+    merged), :func:`official_tome_step` between attention and MLP, then the MLP. Rows of the result are in ToMe's
+    final order (sort by origin to compare)."""
+    t, merged = tome_initial_sequence(full), False
+    for i in range(tower.depth):
+        out, k = tower.attention(i, t, t, prop_attn and merged)
+        t = t.with_hidden(t.hidden + out)
+        if i >= start and int(r_table[i - start].sum()):
+            before = t
+            t, pairs = official_tome_step(t, k.mean(1), r_table[i - start].tolist())
+            if pairs and rule_of(i) != "wavg":
+                t = _reorder_like(naive_apply_pairs(before, pairs, rule_of(i)), t)
+            merged = merged or bool(pairs)
+        t = t.with_hidden(t.hidden + tower.mlp(i, t.hidden))
+    return t
+
+
+def _reorder_like(x: VisionTokens, like: VisionTokens) -> VisionTokens:
+    """Rows of ``x`` in the row order of ``like`` (same origins)."""
+    pos = {int(o): p for p, o in enumerate(x.origin.tolist())}
+    return x.select(torch.tensor([pos[int(o)] for o in like.origin.tolist()], dtype=torch.long))

@@ -454,3 +454,76 @@ def test_dinov2_onnx_loader_matches_onnxruntime():
     model = load_dinov2_onnx()
     assert model.config.hidden_size == 384 and len(model.encoder.layer) == 12
     assert check_against_onnxruntime(model, preprocess(skimage.data.chelsea())) <= 1e-4
+
+
+def _brute_assign(h_v, s_v, seg_v, added, cap, seg_d, tol=1e-3):
+    """The greedy of update_sources written out: destinations of a segment with identical added means form a class
+    (rows in index order); tokens by distance to their nearest destination of the segment (ties: lower position),
+    each to the first row with room in the nearest class that has one (float64 L2; equal distances: the class
+    with the lower first row)."""
+    hv, ad = h_v.double().tolist(), added.double().tolist()
+    dist = lambda a, b: sum((x - y) ** 2 for x, y in zip(a, b))  # noqa: E731
+    classes = {}
+    for d in range(len(ad)):
+        classes.setdefault((int(seg_d[d]), tuple(ad[d])), []).append(d)
+    near = [min((dist(hv[j], ad[d]) for d in range(len(ad)) if int(seg_d[d]) == int(seg_v[j])),
+                default=float("inf")) for j in range(len(hv))]
+    caps = cap.double().tolist()
+    out = [-1] * len(hv)
+    for j in sorted(range(len(hv)), key=lambda j: (near[j], j)):
+        mine = sorted((rows for (seg, _), rows in classes.items() if seg == int(seg_v[j])),
+                      key=lambda rows: (dist(hv[j], ad[rows[0]]), rows[0]))
+        fits = [r for rows in mine for r in rows if caps[r] >= float(s_v[j]) - tol]
+        if fits:
+            out[j] = fits[0]
+            caps[fits[0]] -= float(s_v[j])
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("n_candidates", [1, 2, 16])
+@pytest.mark.parametrize("flat", [False, True])
+def test_assign_is_the_sequential_greedy(seed, n_candidates, flat):
+    """Capacity conflicts, several segments, sizes > 1, destinations that fill up, and (``flat``) many identical
+    destinations and tokens with exact distance ties between different ones: the candidate-list greedy (classes,
+    rebuilds, direct searches) equals the plain sequential greedy."""
+    from tokcomp.adapters._vit_restore import _assign
+    g = torch.Generator().manual_seed(seed)
+    V, D = 150, 40
+    h_v = torch.randn(V, 5, generator=g)
+    added = torch.randn(D, 5, generator=g)
+    if flat:   # a few integer points: duplicates, and equal distances between distinct points
+        base = torch.randint(-1, 2, (4, 5), generator=g).float()
+        h_v = base[torch.randint(0, 4, (V,), generator=g)]
+        added = base[torch.randint(0, 4, (D,), generator=g)]
+    s_v = torch.randint(1, 4, (V,), generator=g).float()
+    seg_v, seg_d = torch.randint(0, 3, (V,), generator=g), torch.randint(0, 3, (D,), generator=g)
+    cap = torch.randint(0, 9, (D,), generator=g).float()                # total capacity < demand: some stay -1
+    got = _assign(h_v, s_v, seg_v, added, cap, seg_d, n_candidates=n_candidates)
+    assert got.tolist() == _brute_assign(h_v, s_v, seg_v, added, cap, seg_d)
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.1, 0.01, 0.0])
+def test_nearest_present_matches_brute_force(keep):
+    """The grid-window lookup (and its kNN fallback for patches with nothing within the window) equals a brute-force
+    nearest search: squared grid distance, ties to the lower original index, per image; -1 for an empty image."""
+    from tokcomp.adapters._vit_restore import nearest_present
+    g = torch.Generator().manual_seed(int(keep * 100))
+    h, w = 13, 17
+    layout = grid_layout(3, h, w, 1)
+    tokens = grid_tokens(torch.randn(3, 1 + h * w, 4, generator=g), h, w, 1)
+    n1 = 1 + h * w
+    keep_rows = [b * n1 for b in range(3)]                               # prefix tokens
+    for b in range(3 if keep > 0 else 2):                                # with keep 0.0: image 2 keeps nothing
+        cells = torch.randperm(h * w, generator=g)[:max(1, int(keep * h * w))]
+        keep_rows += (b * n1 + 1 + cells).tolist()
+    kept = tokens.select(torch.tensor(sorted(keep_rows)))
+    missing = torch.tensor([u for u in range(layout.n_units)
+                            if int(layout.unit_patches[u, 0]) not in set(kept.origin.tolist())])
+    got = nearest_present(kept, layout, missing)
+    for m, row in zip(missing.tolist(), got.tolist()):
+        b = int(layout.unit_segment[m])
+        _, r, c = layout.unit_grid[m].tolist()
+        cands = [(int(kept.pos[k, 1] - r) ** 2 + int(kept.pos[k, 2] - c) ** 2, int(kept.origin[k]), k)
+                 for k in range(kept.n) if not bool(kept.cls[k]) and int(kept.segment[k]) == b]
+        assert row == (min(cands)[2] if cands else -1)

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import tokcomp
+from tokcomp.plugins.baselines import pool_windows
 from tokcomp.tokens import LLMContext, LLMStep, VisionContext
 from toymodel import toy_layout, toy_tokens
 
@@ -51,10 +52,10 @@ def _naive_pool(tokens, layout, ph, pw):
     return result
 
 
-@pytest.mark.parametrize("keep, window", [(0.5, (1, 2)), (0.25, (2, 2)), (0.34, (1, 3)), (1 / 6, (2, 3))])
-def test_pool_matches_a_naive_window_average(keep, window):
-    assert tokcomp.get("pool", keep_ratio=keep).window(round(1 / keep)) == window
-    grids = [(4, 6), (6, 6)]
+@pytest.mark.parametrize("keep, window, grids", [(0.5, (1, 2), [(4, 8), (4, 4)]), (0.25, (2, 2), [(4, 8), (8, 8)]),
+                                                  (1 / 3, (1, 3), [(6, 6), (2, 6)])])
+def test_pool_matches_a_naive_window_average(keep, window, grids):
+    """When the budget factors over the unit grid, the windows are equal rectangles (hand-computed here)."""
     tokens, layout = _tokens(grids)
     s = tokcomp.get("pool", keep_ratio=keep)
     out = s.after_block(1, tokens, VisionContext(layout, depth=2))
@@ -64,6 +65,65 @@ def test_pool_matches_a_naive_window_average(keep, window):
     for j, (_, mean, m) in enumerate(ref):
         torch.testing.assert_close(out.hidden[rows[j]], mean, rtol=1e-5, atol=1e-6)
         assert out.size[rows[j]].tolist() == [float(m)] * 4
+
+
+@pytest.mark.parametrize("h, w, k, shape", [(6, 6, 9, (2, 2)), (6, 6, 18, (1, 2)), (36, 1, 18, (2, 1)),
+                                            (2, 6, 4, (1, 3)), (4, 4, 16, (1, 1)), (3, 5, 1, (3, 5))])
+def test_pool_windows_equal_when_the_count_factors(h, w, k, shape):
+    grid = pool_windows(h, w, k)
+    ph, pw = shape
+    want = (torch.arange(h)[:, None] // ph) * (w // pw) + torch.arange(w)[None, :] // pw
+    assert torch.equal(grid, want)
+
+
+def test_pool_windows_hit_any_budget_with_rectangles():
+    """Every grid up to 9 x 9 and every count: exactly k windows, each a full rectangle, ids in raster order of their
+    top-left cells; near-equal sizes (at most 2x the mean area + one row/column of slack)."""
+    for h in range(1, 10):
+        for w in range(1, 10):
+            for k in range(1, h * w + 1):
+                grid = pool_windows(h, w, k)
+                assert grid.shape == (h, w) and sorted(set(grid.flatten().tolist())) == list(range(k)), (h, w, k)
+                tops = []
+                for win in range(k):
+                    ys, xs = (grid == win).nonzero().unbind(1)
+                    box = (int(ys.max()) - int(ys.min()) + 1) * (int(xs.max()) - int(xs.min()) + 1)
+                    assert box == ys.numel(), (h, w, k, win)
+                    assert ys.numel() <= 2 * h * w / k + max(h, w), (h, w, k, win)
+                    tops.append((int(ys.min()), int(xs.min())))
+                assert tops == sorted(tops), (h, w, k)
+
+
+@pytest.mark.parametrize("kw", [dict(keep_ratio=0.5), dict(keep_ratio=0.2), dict(num_tokens=7), dict(keep_ratio=0.35)])
+def test_pool_hits_its_budget_on_any_shape(kw):
+    """A 1000 x 28 image (Qwen2-VL: 72 x 2 patches, 36 x 1 units), odd grids and a thin strip: every segment keeps
+    exactly keep_count(units) units, each the size-weighted mean of its window, total size conserved."""
+    grids = [(72, 2), (6, 6), (10, 14), (2, 18)]
+    tokens, layout = _tokens(grids)
+    tokens = tokens.with_hidden(tokens.hidden, size=torch.rand(tokens.n, generator=torch.Generator().manual_seed(1)) + 1)
+    s = tokcomp.get("pool", **kw)
+    out = s.after_block(1, tokens, VisionContext(layout, depth=2))
+    ids, rows = out.units()
+    n_units = torch.bincount(layout.unit_segment, minlength=len(grids))
+    got = torch.bincount(layout.unit_segment[ids], minlength=len(grids))
+    assert got.tolist() == [s.config.keep_count(int(n)) for n in n_units]
+    for seg in range(len(grids)):
+        m = out.segment == seg
+        assert float(out.size[m].sum()) == pytest.approx(float(tokens.size[tokens.segment == seg].sum()))
+    # each output unit = size-weighted mean (patch-wise) of the units of its window
+    for seg, (ph, pw) in enumerate(grids):
+        members = (layout.unit_segment == seg).nonzero()[:, 0]
+        cells = layout.unit_grid[members]
+        grid = pool_windows(ph // 2, pw // 2, s.config.keep_count(members.numel()))
+        win = grid[cells[:, 1], cells[:, 2]]
+        for wid in range(int(win.max()) + 1):
+            us = members[win == wid]
+            rep = int(us.min())
+            j = int((ids == rep).nonzero()[0, 0])
+            p = layout.unit_patches[us]                                        # [m, 4]
+            wts = tokens.size[p].double()
+            want = (tokens.hidden[p].double() * wts[..., None]).sum(0) / wts.sum(0)[:, None]
+            torch.testing.assert_close(out.hidden[rows[j]].double(), want, rtol=1e-5, atol=1e-6)
 
 
 def test_pool_keep_one_is_identity():

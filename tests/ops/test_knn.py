@@ -123,3 +123,49 @@ def test_ngr_end_to_end_ipcv_like_and_bf16():
     # no kept tokens at all: identity
     empty = neighbor_guided_reconstruction(h_at_prune[removed], h_now_kept[:0], nn[:, :0])
     assert torch.equal(empty, h_at_prune[removed])
+
+
+def brute_unique_rows(x):
+    rows = [tuple(r) for r in x.float().tolist()]
+    first = []
+    seen = {}
+    inv = []
+    for i, r in enumerate(rows):
+        if r not in seen:
+            seen[r] = len(first)
+            first.append(i)
+        inv.append(seen[r])
+    return first, inv
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_unique_rows_matches_brute_force(seed):
+    from tokcomp.ops.knn import unique_rows
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(5, 7, generator=g)
+    x = torch.cat([base[torch.randint(0, 5, (30,), generator=g)], torch.randn(6, 7, generator=g)])
+    x = x[torch.randperm(x.shape[0], generator=g)]
+    first, inv = unique_rows(x)
+    assert (first.tolist(), inv.tolist()) == brute_unique_rows(x)
+    first, inv = unique_rows(x[:0])
+    assert first.numel() == 0 and inv.numel() == 0
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**16), st.integers(1, 30), st.integers(1, 20), st.integers(1, 12), st.booleans())
+def test_knn_with_duplicates_and_groups_matches_brute_force(seed, r, n_keys, k, groups):
+    """Flat regions: many exact duplicates among keys and queries (also across groups), ties by lower index."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randint(-2, 3, (4, 3), generator=g).float()
+    keys = base[torch.randint(0, 4, (n_keys,), generator=g)]
+    query = torch.cat([base, torch.randn(2, 3, generator=g)])[torch.randint(0, 6, (r,), generator=g)]
+    qg = kg = None
+    if groups:
+        qg, kg = torch.randint(0, 3, (r,), generator=g), torch.randint(0, 3, (n_keys,), generator=g)
+    got = knn(query, keys, k, query_group=qg, key_group=kg, chunk=3)
+    assert got.tolist() == brute_knn(query, keys, k, qg, kg)
+
+
+def test_knn_all_identical_is_index_order():
+    x = torch.ones(50, 16) * 3.0
+    assert knn(x[:7], x, 5).tolist() == [[0, 1, 2, 3, 4]] * 7

@@ -69,6 +69,30 @@ def check_match(match, src, dst, keep):
     assert match.keep.tolist() == keep
 
 
+def brute_order(metric, segment, r_seg, protected, match):
+    """Each survivor's position in the sequence ToMe's merge returns, per segment (written from tome/merge.py:
+    ``cat([unm, dst])`` with CLS/distill first, ``unm`` sorted when there is a class token, else in ``edge_idx``
+    order = best score descending), or the input order when the segment merges nothing."""
+    m = metric.double().tolist()
+    prot = protected.tolist() if protected is not None else [False] * len(m)
+    removed = set(match.src.tolist())
+    pos = {}
+    for s in range(len(r_seg)):
+        members = [i for i in range(len(m)) if int(segment[i]) == s]
+        if not any(i in removed for i in members):
+            pos.update({i: p for p, i in enumerate(members)})
+            continue
+        a = [i for k, i in enumerate(members) if k % 2 == 0 and not prot[i]]
+        b = [i for k, i in enumerate(members) if k % 2 == 1 and not prot[i]]
+        best = {i: max(_cos(m[i], m[j]) for j in b) for i in a}
+        first = [i for i in members if prot[i]]
+        unm = [i for i in a if i not in removed]
+        if not first:
+            unm = sorted(unm, key=lambda i: (-best[i], i))
+        pos.update({i: p for p, i in enumerate(first + unm + b)})
+    return [pos[i] for i in match.keep.tolist()]
+
+
 # ---------------------------------------------------------------- matching
 @pytest.mark.parametrize("seed", range(5))
 @pytest.mark.parametrize("n,r", [(0, 3), (1, 1), (2, 1), (7, 2), (16, 8), (16, 20), (25, 5), (40, 0)])
@@ -104,6 +128,9 @@ def test_matching_per_segment_matches_brute_force(seed, n, n_seg):
     for chunk in (1, 3, 4096):
         got = matching_per_segment(metric, segment, r_seg, protected, chunk=chunk)
         check_match(got, *brute_match_segments(metric, segment, r_seg, protected))
+        assert got.order.tolist() == brute_order(metric, segment, r_seg, protected, got)
+    got = matching_per_segment(metric, segment, r_seg)
+    assert got.order.tolist() == brute_order(metric, segment, r_seg, None, got)
     got = matching_per_segment(metric, segment, 3)
     check_match(got, *brute_match_segments(metric, segment, [3] * (int(segment.max()) + 1), None))
 

@@ -1,4 +1,5 @@
 """SparseVLM on synthetic steps: raters, rater scores and recycling clusters against naive loops; schedule counts."""
+import dataclasses
 import math
 
 import pytest
@@ -211,3 +212,93 @@ def test_config():
         SparseVLM(recycle_fraction=0.0)
     with pytest.raises(ConfigError, match="not both"):
         SparseVLM(schedule=[[3, 0.5]], num_tokens=4)
+
+
+# ------------------------------------------------------------------------------------------------ v1.0 rank count
+def _rank_k(n_rows, n_cols, k, seed):
+    """A positive [n_rows, n_cols] matrix of rank exactly min(k, n_rows, n_cols) (generic factors)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n_rows, k, generator=g, dtype=torch.float64) @ torch.rand(k, n_cols, generator=g,
+                                                                                  dtype=torch.float64)
+
+
+@pytest.mark.parametrize("rows,n,k,scale,bias,want", [
+    (12, 40, 2, 13.5, 0.0, 27),      # int(2 * 13.5) = 27 < 39
+    (12, 20, 2, 13.5, 0.0, 19),      # capped at n - 1
+    (12, 40, 3, 2.0, 1.5, 7),        # int(7.5) = 7
+    (12, 40, 3, 2.0, -50.0, 0),      # never negative
+    (6, 5, 5, 13.5, 0.0, 5),         # rank == n: the stage keeps everything
+    (3, 5, 5, 1.0, 0.0, 3),          # rank limited by the raters: 3
+])
+def test_rank_count_is_the_official_formula(rows, n, k, scale, bias, want):
+    """v1.0 (score.py:attn_postprocess_rank): n if rank(R) == n else min(int(rank * scale + bias), n - 1), on
+    matrices whose rank is known by construction."""
+    from tokcomp.plugins.sparsevlm import rank_count
+    assert rank_count(_rank_k(rows, n, k, seed=n + k).float(), scale, bias) == want
+
+
+@pytest.mark.parametrize("recycled", ["inside", "extra"])
+def test_rank_mode_keeps_the_rank_count(recycled):
+    """count='rank' at v1.0's layers: each row keeps min(int(13.5 * k), n - 1) tokens (k = the known rank of its
+    raters' attention over its visual tokens), the top-scored ones, recycling inside or on top of that count."""
+    p = SparseVLM(count="rank", recycled=recycled, rank_scale=4.0)
+    assert p.stage_layers(32) == [3, 7, 16, 20] and p.prune_layers(32) == [2, 6, 15, 19]
+    res = FakeLLM(ROWS, 8).run(p)
+    step, _ = res.steps[0]
+    attn = step.attn.clone()
+    k_of_row = [3, 2, 1]
+    for b, k in enumerate(k_of_row):   # every query row a generic combination of k positive vectors (all heads)
+        attn[b] = _rank_k(attn.shape[2], attn.shape[3], k, seed=b).float()[None]
+    step = dataclasses.replace(step, attn=attn)
+    sel = p.select(step, {"n_layers": 8})
+    raters = SparseVLM(count="rank").raters(step, {})
+    ranks = []
+    for b, k in enumerate(k_of_row):
+        vis = step.visual[b].nonzero()[:, 0]
+        if vis.numel() == 0:
+            assert sel.keep[b].numel() == 0
+            continue
+        n = vis.numel()
+        raters_b = set(raters[b].tolist())
+        rank = min(k, len(raters_b))          # k generic rows, or fewer raters than that
+        ranks.append(rank)
+        count = min(int(rank * 4.0), n - 1)
+        if recycled == "inside":
+            kept, centres, _ = naive_stage(step, b, count, raters_b)
+            assert sel.keep[b].tolist() == sorted(kept + centres) and len(sel.keep[b]) == count
+        else:
+            m = n - count
+            c = int((int(0.3 * m) + 1) / 10) + 1
+            top, _, _ = naive_stage(step, b, count, raters_b, recycle=False)
+            assert set(top) <= set(sel.keep[b].tolist()) and len(sel.keep[b]) == count + c
+    assert max(ranks) >= 2
+
+
+def test_recycled_extra_is_the_official_accounting():
+    """v1.5 "192" at 576 tokens: the official code keeps 300 / 200 / 110 top tokens and adds the recycled cluster
+    tokens (int(0.3 m) + 1 best dropped, int(p / 10) + 1 clusters), 309 / 204 / 113 in all; 'inside' keeps exactly
+    300 / 200 / 110."""
+    g = torch.Generator().manual_seed(0)
+    n, got_extra, got_inside = 576, [], []
+    for budget in (300, 200, 110):
+        score, hidden = torch.rand(n, generator=g), torch.randn(n, 8, generator=g)
+        kept, centres, merged = recycle_select(score, budget, hidden, extra=True)
+        order = torch.sort(score, descending=True, stable=True).indices.tolist()
+        assert kept.tolist() == sorted(order[:budget])
+        p = int(0.3 * (n - budget)) + 1
+        assert set(centres.tolist()) <= set(order[budget:budget + p])      # centres among the best p dropped
+        assert merged.shape == (int(p / 10) + 1, 8)
+        got_extra.append(kept.numel() + centres.numel())
+        kept_i, centres_i, _ = recycle_select(score, budget, hidden)
+        got_inside.append(kept_i.numel() + centres_i.numel())
+        n = got_extra[-1]
+    assert got_extra == [309, 204, 113]
+    assert got_inside == [300, 200, 110]
+
+
+def test_rank_mode_takes_no_budget():
+    with pytest.raises(ConfigError, match="count='rank'"):
+        SparseVLM(count="rank", keep_ratio=0.3)
+    with pytest.raises(ConfigError, match="count='rank'"):
+        SparseVLM(count="rank", schedule=[[2, 0.5]])
+    assert SparseVLM(count="rank").config.rank_scale == 13.5 and SparseVLM().config.recycled == "inside"

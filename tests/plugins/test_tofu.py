@@ -9,7 +9,7 @@ from tokcomp.errors import ConfigError
 from tokcomp.plugins.tofu import ToFu
 from tokcomp.tokens import VisionContext
 from vision_fakes import FakeTower, assert_whole_units, make_tokens
-from vision_refs import naive_apply_pairs, naive_tower, naive_unit_matching, units_of
+from vision_refs import naive_apply_pairs, naive_tower, naive_unit_matching, official_tome_tower, units_of
 
 GRIDS = [(4, 8), (6, 6), (2, 2), (4, 4)]
 
@@ -65,14 +65,21 @@ def test_prune_mode_before_the_switch():
 
 @pytest.mark.parametrize("order", ["qwen", "internvl"])
 @pytest.mark.parametrize("switch", [None, 0, 3])
-def test_tower_matches_naive(order, switch):
+@pytest.mark.parametrize("seq", ["tome", "spatial"])
+def test_tower_matches_naive(order, switch, seq):
+    """ToFu = ToMe's matching (its sequence order included: ``order`` is inherited) with ToFu's merge rules."""
     layout, full = make_tokens(GRIDS, order, seed=5)
     tower = FakeTower(depth=6, seed=6)
-    s = ToFu(keep_ratio=0.3, merge_from_layer=switch)
+    s = ToFu(keep_ratio=0.3, merge_from_layer=switch, order=seq)
     out, ctx, _ = tower.run(s, full, layout)
     at = tower.depth // 2 if switch is None else switch
     assert s.switch_layer(ctx) == at
-    want = naive_tower(tower, full, s.r_table(ctx), 0, True, lambda i: "prune" if i < at else "mlerp")
+    rule = lambda i: "prune" if i < at else "mlerp"  # noqa: E731
+    if seq == "spatial":
+        want = naive_tower(tower, full, s.r_table(ctx), 0, True, rule)
+    else:
+        want = official_tome_tower(tower, full, s.r_table(ctx), 0, True, rule)
+        want = want.select(torch.argsort(want.origin))
     assert torch.equal(out.origin, want.origin)
     torch.testing.assert_close(out.hidden, want.hidden, rtol=1e-5, atol=1e-5)
     assert_whole_units(out, full, layout)

@@ -1,5 +1,7 @@
-"""ToMe at unit granularity on synthetic tensors: matching and merging against naive loops, the whole tower against a
-naive re-implementation, the finish contract, the budget, proportional attention, no-op and batch invariance."""
+"""ToMe at unit granularity on synthetic tensors: matching and merging against the official algorithm (written out in
+``vision_refs.official_tome_step``: ToMe's sequence with CLS in the alternation, reordered after every merge) and, for
+``order="spatial"``, against naive loops; the whole tower against both; the finish contract, the budget,
+proportional attention, no-op and batch invariance."""
 from __future__ import annotations
 
 import math
@@ -11,7 +13,10 @@ from tokcomp.errors import ConfigError
 from tokcomp.plugins.tome import ToMe
 from tokcomp.tokens import VisionContext
 from vision_fakes import FakeTower, assert_whole_units, make_tokens
-from vision_refs import naive_apply_pairs, naive_tower, naive_unit_matching
+from vision_refs import (naive_apply_pairs, naive_tower, naive_unit_matching, official_tome_step, official_tome_tower,
+                         tome_initial_sequence)
+
+from tokcomp.adapters._vit_restore import grid_layout, grid_tokens
 
 GRIDS = [(4, 8), (6, 6), (2, 2), (4, 4)]
 
@@ -20,18 +25,28 @@ def _keep_count(n, ratio):
     return max(min(1, n), min(math.floor(n * ratio + 0.5), n))   # round half up, clamped to [1, n]
 
 
+def _by_origin(t):
+    return t.select(torch.argsort(t.origin))
+
+
 @pytest.mark.parametrize("order", ["qwen", "internvl"])
 @pytest.mark.parametrize("r", [[1, 2, 0, 1], [4, 9, 1, 4], [16, 18, 2, 8]])
-def test_mid_matches_naive_loop(order, r):
+@pytest.mark.parametrize("seq", ["tome", "spatial"])
+def test_mid_matches_reference(order, r, seq):
     layout, tokens = make_tokens(GRIDS, order, seed=2)
     keys = torch.randn(tokens.n, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     tokens = tokens.with_hidden(tokens.hidden, size=torch.rand(tokens.n, generator=torch.Generator()
                                                                 .manual_seed(4)) + 0.5)
     ctx = VisionContext(layout, 4, "")
-    s = ToMe(keep_ratio=0.5)
+    s = ToMe(keep_ratio=0.5, order=seq)
     got = s._mid(tokens, keys, i=0, r=torch.tensor(r), ctx=ctx)
-    pairs = naive_unit_matching(tokens, keys, r)
-    want = naive_apply_pairs(tokens, pairs)
+    if seq == "spatial":
+        pairs = naive_unit_matching(tokens, keys, r)
+        want = naive_apply_pairs(tokens, pairs)
+    else:
+        start = tome_initial_sequence(tokens)
+        want, pairs = official_tome_step(start, keys[start.origin], r)
+        want = _by_origin(want)
     assert len(pairs) == sum(min(x, n // 2) for x, n in zip(r, [8, 9, 1, 4]))
     assert torch.equal(got.origin, want.origin)
     torch.testing.assert_close(got.hidden, want.hidden, rtol=1e-6, atol=1e-6)   # merge sums in float32
@@ -41,14 +56,18 @@ def test_mid_matches_naive_loop(order, r):
 
 @pytest.mark.parametrize("order", ["qwen", "internvl"])
 @pytest.mark.parametrize("schedule,start", [("constant", 0), ("decreasing", 1), ([3, 0, 1, 1, 0], 1)])
-def test_tower_matches_naive_and_meets_budget(order, schedule, start):
+@pytest.mark.parametrize("seq", ["tome", "spatial"])
+def test_tower_matches_reference_and_meets_budget(order, schedule, start, seq):
     layout, full = make_tokens(GRIDS, order, seed=5)
     tower = FakeTower(depth=6, seed=6)
-    s = ToMe(keep_ratio=0.3, schedule=schedule, start_layer=start)
+    s = ToMe(keep_ratio=0.3, schedule=schedule, start_layer=start, order=seq)
     s.validate({"vision": tower.depth})
     out, ctx, calls = tower.run(s, full, layout)
     r_table = s.r_table(ctx)
-    want = naive_tower(tower, full, r_table, start, True)
+    if seq == "spatial":
+        want = naive_tower(tower, full, r_table, start, True)
+    else:
+        want = _by_origin(official_tome_tower(tower, full, r_table, start, True))
     assert torch.equal(out.origin, want.origin)
     torch.testing.assert_close(out.hidden, want.hidden, rtol=1e-5, atol=1e-5)
     ids = assert_whole_units(out, full, layout)
@@ -131,3 +150,82 @@ def test_registered_and_spec_round_trip():
     assert isinstance(s, ToMe) and s.spec == "tome(keep_ratio=0.4,schedule=decreasing)"
     from tokcomp.spec import parse_spec
     assert parse_spec("tome(keep_ratio=0.4,schedule=[1,2,3])").vision.config.schedule == [1, 2, 3]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the official algorithm over several merging blocks: groups and sizes, with and without CLS
+# ---------------------------------------------------------------------------------------------------------------
+def _plain_vit(grids_hw, n_prefix, feat, seed):
+    """unit_size 1 (plain ViT: every patch its own unit), ``n_prefix`` prefix tokens per image (1 = CLS, 2 = CLS +
+    DeiT's distillation token); hidden = [feat random features | one-hot of the original row]."""
+    h, w = grids_hw
+    layout = grid_layout(2, h, w, n_prefix)
+    n1 = n_prefix + h * w
+    g = torch.Generator().manual_seed(seed)
+    x = torch.cat([torch.randn(2 * n1, feat, generator=g, dtype=torch.float64),
+                   torch.eye(2 * n1, dtype=torch.float64)], 1)
+    return layout, grid_tokens(x.view(2, n1, -1), h, w, n_prefix)
+
+
+def _units(grids, order, feat, seed):
+    layout, t = make_tokens(grids, order, seed=seed, c=feat)
+    return layout, t.with_hidden(torch.cat([t.hidden, torch.eye(t.n, dtype=torch.float64)], 1))
+
+
+def _groups_from_onehot(t, feat):
+    """{origin of a surviving row: frozenset of the original rows merged into it} from the one-hot columns."""
+    counts = (t.hidden[:, feat:] * t.size.double()[:, None]).round().long()
+    return {int(o): frozenset(counts[k].nonzero()[:, 0].tolist()) for k, o in enumerate(t.origin.tolist())}
+
+
+@pytest.mark.parametrize("case", ["vit", "vit-cls", "vit-cls-distill", "qwen", "internvl"])
+def test_groups_match_official_over_several_blocks(case):
+    """tokcomp's default ``tome`` against the official algorithm on the same tensors: after 6 merging blocks every
+    surviving token represents exactly the same original tokens with the same size, with and without CLS."""
+    feat = 6
+    if case.startswith("vit"):
+        n_prefix = {"vit": 0, "vit-cls": 1, "vit-cls-distill": 2}[case]
+        layout, tokens = _plain_vit((8, 10), n_prefix, feat, seed=11)
+        r_blocks = [[8, 8], [8, 8], [12, 5], [8, 8], [3, 9], [8, 8]]
+    else:
+        layout, tokens = _units(GRIDS, case, feat, seed=11)
+        r_blocks = [[2, 2, 0, 1], [2, 1, 1, 1], [1, 2, 0, 1], [1, 1, 0, 0], [1, 1, 0, 1], [0, 1, 0, 0]]
+    w = [torch.randn(feat, 8, generator=torch.Generator().manual_seed(20 + i), dtype=torch.float64)
+         for i in range(len(r_blocks))]
+    s, ctx = ToMe(keep_ratio=0.5), VisionContext(layout, len(r_blocks), "")
+    ref, groups = tome_initial_sequence(tokens), {o: {o} for o in tokens.origin.tolist()}
+    origins_of_unit = {}
+    for row in range(tokens.n):
+        if not bool(tokens.cls[row]):
+            origins_of_unit.setdefault(int(tokens.unit[row]), []).append(int(tokens.origin[row]))
+    got = tokens
+    for i, r in enumerate(r_blocks):
+        got = s._mid(got, got.hidden[:, :feat] @ w[i], i=i, r=torch.tensor(r), ctx=ctx)
+        ref, pairs = official_tome_step(ref, ref.hidden[:, :feat] @ w[i], r)
+        assert pairs, "every block merges something"
+        for src, dst in pairs:   # merge_source: patch j of the source joins patch j of the destination
+            for o_src, o_dst in zip(sorted(origins_of_unit[src]), sorted(origins_of_unit[dst])):
+                groups[o_dst] |= groups.pop(o_src)
+    ref = _by_origin(ref)
+    assert torch.equal(got.origin, ref.origin)
+    assert _groups_from_onehot(got, feat) == {o: frozenset(g) for o, g in groups.items()}
+    assert torch.equal(got.size, ref.size.to(got.size.dtype))
+    assert {o: float(sz) for o, sz in zip(got.origin.tolist(), got.size)} == {o: float(len(g)) for o, g in groups.items()}
+    torch.testing.assert_close(got.hidden, ref.hidden, rtol=1e-6, atol=1e-6)
+
+
+def test_spatial_order_is_a_different_method():
+    """The order-preserving variant is not the official one: with CLS its sets are swapped in the first block, and
+    without CLS the reordering changes later blocks' pairs."""
+    feat = 6
+    for n_prefix in (0, 1):
+        layout, tokens = _plain_vit((8, 10), n_prefix, feat, seed=3)
+        ctx_t, ctx_s = VisionContext(layout, 4, ""), VisionContext(layout, 4, "")
+        a = b = tokens
+        w = torch.randn(feat, 8, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+        for i in range(4):
+            a = ToMe(order="tome")._mid(a, a.hidden[:, :feat] @ w, i=i, r=torch.tensor([8, 8]), ctx=ctx_t)
+            b = ToMe(order="spatial")._mid(b, b.hidden[:, :feat] @ w, i=i, r=torch.tensor([8, 8]), ctx=ctx_s)
+            if n_prefix and i == 0:
+                assert not torch.equal(a.origin, b.origin)
+        assert _groups_from_onehot(a, feat) != _groups_from_onehot(b, feat)

@@ -6,7 +6,7 @@ its tensor shapes.
 
 from .cluster import dpc_knn, merge_clusters
 from .dart import dart_quotas, dart_select
-from .knn import knn, knn_where, neighbor_guided_reconstruction, smallest_k
+from .knn import knn, knn_where, neighbor_guided_reconstruction, smallest_k, unique_rows
 from .matching import (
     Match,
     bipartite_soft_matching,
@@ -46,4 +46,5 @@ __all__ = [
     "smallest_k",
     "stable_order",
     "topk_per_segment",
+    "unique_rows",
 ]

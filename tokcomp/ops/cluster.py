@@ -1,8 +1,8 @@
 """Density-peaks clustering with kNN density (DPC-kNN) and cluster merging (SparseVLM recycling).
 
 Follows SparseVLM's ``utils.cluster_and_merge`` (itself TCFormer's ``cluster_dpc_knn``) with
-the random tie-breaking noise replaced by a deterministic order, and the n x n distance
-matrix replaced by row chunks.
+the random tie-breaking noise replaced by a deterministic order, the n x n distance matrix
+replaced by row chunks, and exact duplicates collapsed.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .knn import knn, knn_where
+from .knn import knn, knn_where, unique_rows
 from .select import stable_order
 
 __all__ = ["dpc_knn", "merge_clusters"]
@@ -30,11 +30,18 @@ def dpc_knn(x: Tensor, n_clusters: int, k: int, *, chunk: int = 4096) -> tuple[T
        nearest include the point itself (distance 0), as in the reference.
     2. order: j is "denser" than i if ``rho_j > rho_i``, or equal and ``j < i`` (replaces the
        reference's random 1e-6 noise); ``delta_i`` = distance to the nearest denser point
-       (found with :func:`knn_where`, exact re-ranking), and for the densest point the
-       largest pairwise distance.
+       (found with :func:`knn_where`, exact re-ranking, ties to the lower index), and for the
+       densest point the largest pairwise distance.
     3. centres = the ``n_clusters`` largest ``delta * rho`` (ties by lower index).
     4. every point joins its nearest centre (ties: lower centre index); centres join
        themselves.
+
+    Cost: two passes over the pairwise distances in row chunks (one matmul each: the density's
+    k smallest and the largest distance, then the nearest denser point) plus a kNN against the
+    centres; the density sums the matmul distances of the k nearest (float32 rounding, as the
+    reference's ``cdist``). Exact duplicates (flat regions) are collapsed first
+    (:func:`~tokcomp.ops.knn.unique_rows`): a duplicate has its first occurrence's density and,
+    being later in the order, that first occurrence as nearest denser point (``delta = 0``).
 
     Args:
         x: [n, C] points (any float dtype).
@@ -55,26 +62,42 @@ def dpc_knn(x: Tensor, n_clusters: int, k: int, *, chunk: int = 4096) -> tuple[T
     xf = x.float()
     xf = xf - xf.mean(0, keepdim=True)
     inv_c = 1.0 / max(c_dim, 1)
+    first, inv = unique_rows(xf)
+    u = xf[first]
+    n_u = u.shape[0]
+    mult = torch.bincount(inv, minlength=n_u).to(torch.float32)
 
-    nn = knn(xf, xf, k, chunk=chunk)  # [n, k], self included (distance 0)
-    sq = torch.zeros(n, dtype=torch.float32, device=device)
-    for j in range(k):
-        sq += ((xf - xf[nn[:, j]]) ** 2).sum(1)
-    density = torch.exp(-(sq * inv_c) / k)
+    # pass 1: density over the k nearest points (duplicates counted with their multiplicity), largest distance
+    kk = min(k, n_u)
+    sums = torch.empty(n_u, dtype=torch.float32, device=device)
+    dmax = torch.zeros((), dtype=torch.float32, device=device)
+    step = max(1, chunk)
+    for s in range(0, n_u, step):
+        d = _pair_sqdist(u[s:s + step], u)                                  # [ch, U]
+        rows = torch.arange(d.shape[0], device=device)
+        d[rows, rows + s] = 0.0                                             # self: exactly 0
+        dmax = torch.maximum(dmax, d.max())
+        v, ix = torch.topk(d, kk, dim=1, largest=False, sorted=True)
+        m = mult[ix]
+        take = (k - (torch.cumsum(m, 1) - m)).clamp(min=0.0).minimum(m)
+        sums[s:s + step] = (take * v).sum(1)
+    density_u = torch.exp(-(sums * inv_c) / k)
+    density = density_u[inv]
 
-    # rank[i] = position in (density desc, index asc); denser <=> lower rank
+    # pass 2: nearest denser point; only first occurrences need a search (a duplicate's is its first occurrence)
     rank = torch.empty(n, dtype=torch.long, device=device)
     rank[stable_order(density)] = torch.arange(n, device=device)
-    parent = knn_where(xf, xf, 1, lambda a, b: rank[None, :] < rank[a:b, None], chunk=chunk)[:, 0]
-    dmax = torch.zeros((), dtype=torch.float32, device=device)
-    for s in range(0, n, max(1, chunk)):
-        dmax = torch.maximum(dmax, _pair_sqdist(xf[s : s + chunk], xf).max())
-    has = parent >= 0  # only the densest point has no denser one
-    delta = (((xf - xf[parent.clamp_min(0)]) ** 2).sum(1) * inv_c).sqrt()
-    delta = torch.where(has, delta, (dmax * inv_c).sqrt())
+    r_u = rank[first]
+    parent_u = knn_where(u, u, 1, lambda a, b: r_u[None, :] < r_u[a:b, None], chunk=chunk)[:, 0]
+    has = parent_u >= 0                                                     # only the densest has none
+    delta_u = (((u - u[parent_u.clamp_min(0)]) ** 2).sum(1) * inv_c).sqrt()
+    delta_u = torch.where(has, delta_u, (dmax * inv_c).sqrt())
+    is_first = torch.zeros(n, dtype=torch.bool, device=device)
+    is_first[first] = True
+    delta = torch.where(is_first, delta_u[inv], torch.zeros((), dtype=torch.float32, device=device))
 
     centers = torch.sort(stable_order(delta * density)[:c]).values
-    assign = knn(xf, xf[centers], 1, chunk=chunk)[:, 0]
+    assign = knn(u, xf[centers], 1, chunk=chunk)[:, 0][inv]
     assign[centers] = torch.arange(c, device=device)
     return centers, assign
 

@@ -1,12 +1,18 @@
 """Bipartite soft matching and merge rules (ToMe, ToFu), on packed token sets.
 
-Differences from ToMe's ``tome/merge.py`` (deliberate):
+Relation to ToMe's ``tome/merge.py`` (``bipartite_soft_matching``):
 
-- Survivors keep their ORIGINAL order (``Match.keep`` is ascending). ToMe reorders to
-  ``[unmerged A, all B]``; we keep spatial order so positions, rotary embeddings and 2x2
-  units of the surviving tokens stay meaningful.
+- Same sets, scores and picks: within a segment, positions 0, 2, 4, ... are set A and 1, 3, 5, ...
+  set B (protected tokens keep their position, as ToMe's CLS at index 0), the ``r`` A tokens
+  with the highest best-cosine merge into their best B.
+- The token rows are not moved: ``Match.keep`` is ascending. ToMe's merge returns the survivors
+  reordered (``[unmerged A, all B]``, CLS first), and that order decides the next block's A/B
+  split. ``Match.order`` gives each survivor's position in ToMe's returned sequence, so a caller
+  that wants ToMe's next split sorts by it (``plugins/tome.py`` does, by default).
 - Deterministic ties: each A token's best B is the lowest-indexed B among equal
-  similarities; among equal best-similarities the lower-indexed A token is merged first.
+  similarities; among equal best-similarities the lower-indexed A token is merged first (and
+  comes first among the unmerged). ToMe's ``argsort`` is not stable, so on exact ties (flat
+  images) its choice is unspecified.
 - Packed input: several segments (images/frames) in one call, matched independently.
 - A protected token (e.g. CLS) is never a source and never a destination: it is untouched.
 """
@@ -20,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .select import topk_per_segment
+from .select import stable_order, topk_per_segment
 
 __all__ = [
     "Match",
@@ -40,11 +46,14 @@ class Match:
     src: LongTensor[r] removed tokens, ascending.
     dst: LongTensor[r] destination of each ``src`` (a surviving token).
     keep: LongTensor[N - r] surviving tokens in ascending original order.
+    order: optional LongTensor[N - r] aligned with ``keep``: each survivor's position within its
+        segment in the sequence ToMe's merge returns (see :func:`matching_per_segment`).
     """
 
     src: Tensor
     dst: Tensor
     keep: Tensor
+    order: Tensor | None = None
 
     @property
     def r(self) -> int:
@@ -75,14 +84,19 @@ def matching_per_segment(
             merged into.
         chunk: A tokens compared at once; memory O(chunk * |B_s|). Loops over segments.
     Returns:
-        :class:`Match` with global token indices.
+        :class:`Match` with global token indices. ``order`` is the survivors' sequence as ToMe's
+        ``merge`` returns it, per segment: protected tokens first (input order; ToMe: CLS, then
+        the distillation token), then the unmerged A tokens (in input order if the segment has a
+        protected token, as ToMe sorts them when ``class_token``; otherwise by best similarity,
+        descending, ties by input order, as ToMe's ``edge_idx``), then every B token in input
+        order. A segment with nothing to merge keeps its input order (ToMe's ``do_nothing``).
     """
     n = metric.shape[0]
     device = metric.device
     segment = segment.to(device=device, dtype=torch.long)
     if n == 0:
         e = torch.empty(0, dtype=torch.long, device=device)
-        return Match(e, e, e)
+        return Match(e, e, e, e)
     if isinstance(r_per_segment, int):
         r_per_segment = torch.full((int(segment.max()) + 1,), r_per_segment, dtype=torch.long, device=device)
     r_seg = r_per_segment.to(device=device, dtype=torch.long)
@@ -111,7 +125,7 @@ def matching_per_segment(
     b_idx = b_ok.nonzero().squeeze(1)
     if a_idx.numel() == 0 or int(r_eff.sum()) == 0:
         e = torch.empty(0, dtype=torch.long, device=device)
-        return Match(e, e, torch.arange(n, device=device))
+        return Match(e, e, torch.arange(n, device=device), rank)
     # B tokens of each segment in slot order: [S, maxB], -1 = absent (padding or protected)
     max_b = int(slot[b_idx].max()) + 1
     b_tok = torch.full((n_seg, max_b), -1, dtype=torch.long, device=device)
@@ -138,7 +152,37 @@ def matching_per_segment(
     src, dst = a_idx[pick], dst_all[pick]
     removed = torch.zeros(n, dtype=torch.bool, device=device)
     removed[src] = True
-    return Match(src, dst, (~removed).nonzero().squeeze(1))
+    keep = (~removed).nonzero().squeeze(1)
+    active = r_eff > 0
+    order = _merged_order(keep, segment, is_b, protected, a_idx, best, active, n_seg)
+    return Match(src, dst, keep, order)
+
+
+def _merged_order(keep: Tensor, segment: Tensor, is_b: Tensor, protected: Tensor, a_idx: Tensor,
+                  best: Tensor, active: Tensor, n_seg: int) -> Tensor:
+    """Position of each survivor ``keep`` [K] within its segment in ToMe's returned sequence.
+
+    segment/is_b/protected: [N]; a_idx [A] matchable A tokens with their ``best`` [A] similarity;
+    active: BoolTensor[S] segments that merge anything. Returns LongTensor[K]."""
+    n = segment.shape[0]
+    device = segment.device
+    idx = torch.arange(n, device=device)
+    group = torch.where(protected, 0, torch.where(is_b, 2, 1))
+    within = idx.clone()
+    has_prot = torch.bincount(segment[protected], minlength=n_seg) > 0
+    by_score = torch.empty(a_idx.shape[0], dtype=torch.long, device=device)
+    by_score[stable_order(best)] = torch.arange(a_idx.shape[0], device=device)
+    free = ~has_prot[segment[a_idx]]
+    within[a_idx[free]] = by_score[free]
+    on = active[segment]
+    group = torch.where(on, group, 0)
+    within = torch.where(on, within, idx)
+    seg_k = segment[keep]
+    key = (seg_k * 3 + group[keep]) * n + within[keep]
+    pos = torch.empty(keep.shape[0], dtype=torch.long, device=device)
+    pos[torch.sort(key).indices] = torch.arange(keep.shape[0], device=device)
+    counts = torch.bincount(seg_k, minlength=n_seg)
+    return pos - (torch.cumsum(counts, 0) - counts)[seg_k]
 
 
 def bipartite_soft_matching(metric: Tensor, r: int, *, protected: Tensor | None = None) -> Match:

@@ -30,7 +30,7 @@ tokens come on top (v1.5 at 576 tokens: 309 / 204 / 113 instead of 300 / 200 / 1
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field, model_validator

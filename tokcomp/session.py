@@ -13,7 +13,7 @@ from typing import Any
 from tokcomp.adapter import check_capabilities
 from tokcomp.adapters._hf import check_version
 from tokcomp.errors import ConfigError, SessionError
-from tokcomp.spec import Pair, parse_spec
+from tokcomp.spec import Pair
 
 _MARK = "_tokcomp_session"  # set on the model only while a session is open
 

@@ -250,8 +250,8 @@ def test_rank_mode_keeps_the_rank_count(recycled):
     for b, k in enumerate(k_of_row):   # every query row a generic combination of k positive vectors (all heads)
         attn[b] = _rank_k(attn.shape[2], attn.shape[3], k, seed=b).float()[None]
     step = dataclasses.replace(step, attn=attn)
-    sel = p.select(step, {"n_layers": 8})
-    raters = SparseVLM(count="rank").raters(step, {})
+    sel = p.select(step, LLMContext(n_layers=8))
+    raters = SparseVLM(count="rank").raters(step, LLMContext(n_layers=8))
     ranks = []
     for b, k in enumerate(k_of_row):
         vis = step.visual[b].nonzero()[:, 0]

@@ -327,6 +327,9 @@ class VLMAdapter(Adapter):
         else:
             kw, prefill = self._prefill_inputs(kw)
             if kw.get("labels") is not None and self.engine.prune_at:
+                if kw.get("logits_to_keep") not in (None, 0):
+                    raise AdapterError("labels with an LLM pruner need logits at every kept position; do not pass "
+                                       "logits_to_keep together with labels")
                 self._labels = kw.pop("labels")   # the loss is computed over the kept positions, after the forward
         self._prefill = prefill
         self._begin_engine(kw, prefill)
@@ -348,9 +351,6 @@ class VLMAdapter(Adapter):
         if labels is None or getattr(output, "logits", None) is None:
             return None
         logits = output.logits
-        if logits.shape[1] != index.shape[1]:
-            raise AdapterError(f"labels with an LLM pruner need logits for every kept position ({index.shape[1]}); "
-                               f"got {logits.shape[1]} (logits_to_keep?). Fix: do not pass logits_to_keep with labels")
         kept = labels.gather(1, index.to(labels.device)).masked_fill(~valid.to(labels.device), -100)
         output.loss = hf.causal_lm_loss(self.model, logits, kept)
         return output

@@ -309,6 +309,9 @@ class VLMAdapter(Adapter):
         self._vision_seen = len(self.session.report.vision)   # vision calls from here on belong to this forward
         kw = self._kwargs(args, kw)
         self.check_forward(kw)
+        if kw.get("labels") is not None and self.engine.prune_at and kw.get("logits_to_keep") not in (None, 0):
+            raise AdapterError("labels with an LLM pruner need logits at every kept position; do not pass "
+                               "logits_to_keep together with labels")
         cache = hf.get_cache(kw)
         if hf.is_static_cache(cache) and self._changes_llm_length():
             raise AdapterError(f"{type(cache).__name__} (a static, pre-allocated cache) is not supported inside a "
@@ -327,9 +330,6 @@ class VLMAdapter(Adapter):
         else:
             kw, prefill = self._prefill_inputs(kw)
             if kw.get("labels") is not None and self.engine.prune_at:
-                if kw.get("logits_to_keep") not in (None, 0):
-                    raise AdapterError("labels with an LLM pruner need logits at every kept position; do not pass "
-                                       "logits_to_keep together with labels")
                 self._labels = kw.pop("labels")   # the loss is computed over the kept positions, after the forward
         self._prefill = prefill
         self._begin_engine(kw, prefill)

@@ -59,7 +59,8 @@ def test_tokenizers_specials_padding_and_fresh_objects():
 
 # ------------------------------------------------------------------------------------------------ presets
 def test_presets_listed():
-    assert set(TINY) | {"tiny-llava", "qwen2-vl-2b-shaped", "internvl3-1b-shaped"} == set(MODEL_PRESETS)
+    assert set(TINY) | {"tiny-llava", "qwen2-vl-2b-shaped", "internvl3-1b-shaped", "llava-1.5-7b-shaped"} == \
+        set(MODEL_PRESETS)
     assert MODEL_PRESETS["tiny-llava"].family == "llava"
     assert MODEL_PRESETS["tiny-qwen2.5-vl"].family == "qwen2_vl"
     with pytest.raises(ValueError, match="unknown preset"):

@@ -192,6 +192,14 @@ _PRESETS: dict[str, PresetSpec] = {
         "2-layer MLP projector, Llama LLM; 4 + 4 layers",
         **_TINY_COMMON,
     ),
+    "llava-1.5-7b-shaped": PresetSpec(
+        arch="llava",
+        description="LLaVA-1.5-7B shapes (CLIP ViT-L/14 at 336 px: 24x1024, features of layer -2, 576 tokens; "
+        "Vicuna-7B: 32x4096), random weights",
+        vision_layers=24, vision_width=1024, vision_heads=16, vision_mlp_ratio=4,
+        text_layers=32, text_width=4096, text_heads=32, text_kv_heads=32, text_intermediate=11008,
+        image_size=336,
+    ),
     "qwen2-vl-2b-shaped": PresetSpec(
         arch="qwen2_vl",
         description="Qwen2-VL-2B shapes (ViT 32x1280, LLM 28x1536), random weights, tiny vocab",

@@ -115,13 +115,10 @@ def kernel(name: str, n: int, kind: str):
 
 
 def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up (allocations, first-call dispatch)
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+    """:func:`tokcomp.metrics.timers.median_time` after one warm-up call (allocations, first-call dispatch)."""
+    from tokcomp.metrics.timers import median_time as timed
+    fn()
+    return timed(fn, repeats)
 
 
 def tower_time(patches: int, repeats: int) -> float:
@@ -137,12 +134,7 @@ def tower_time(patches: int, repeats: int) -> float:
     def run():
         with torch.inference_mode():
             vlm.model.model.get_image_features(pixel_values=pv, image_grid_thw=grid)
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        run()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+    return median_time(run, repeats)
 
 
 def main(argv=None):

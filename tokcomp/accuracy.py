@@ -137,17 +137,6 @@ def _prefill(model, batch) -> None:
         model.generate(**batch, max_new_tokens=1, do_sample=False)
 
 
-def _time(fn, repeats: int) -> float:
-    import time
-    fn()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
-
-
 def _cost(model, batch, spec: str | None, registry):
     """``(vision + prefill FLOPs, visual tokens per row averaged over layers, visual tokens per row into the LLM)``
     of one forward of ``batch`` (the unmodified model is measured in a session of ``none``)."""
@@ -171,11 +160,11 @@ def run(model, processor, questions: Sequence, configs: Sequence[Config], *,
     import time
 
     import tokcomp
+    from tokcomp.metrics.timers import median_time
     if not configs or configs[0].spec is not None:
         raise ValueError("the first configuration must be the unmodified model (spec None)")
     rows: list[AccuracyRow] = []
     base_row = None
-    base_time = None
     for cfg in configs:
         row = AccuracyRow(cfg.label, cfg.spec, cfg.keep, cfg.baseline_of)
         t0 = time.perf_counter()
@@ -194,16 +183,17 @@ def run(model, processor, questions: Sequence, configs: Sequence[Config], *,
             flops, row.visual_tokens, row.llm_visual_in = _cost(model, timing_batch, cfg.spec, registry)
             if cfg.spec is None:
                 base_row, base_flops = row, flops
-                base_time = []
             else:
                 row.retained = row.accuracy / base_row.accuracy if base_row.accuracy else float("nan")
                 row.p_value = mcnemar(base_row.hits, row.hits)
                 row.flops_ratio = flops / base_flops
                 ratios = []
                 for _ in range(repeats):              # interleaved: unmodified, then this configuration
-                    b = _time(lambda: _prefill(model, timing_batch), 1)
+                    _prefill(model, timing_batch)     # warm-up
+                    b = median_time(lambda: _prefill(model, timing_batch), 1)
                     with tokcomp.compress(model, cfg.spec, registry=registry):
-                        c = _time(lambda: _prefill(model, timing_batch), 1)
+                        _prefill(model, timing_batch)
+                        c = median_time(lambda: _prefill(model, timing_batch), 1)
                     ratios.append(c / b)
                 row.prefill_ratio = statistics.median(ratios)
         except Exception as exc:  # noqa: BLE001 - one failing configuration must not hide the others

@@ -99,7 +99,7 @@ def speedup(args):
 def selection(args):
     from tokcomp.ops import dpc_knn, knn, matching_per_segment, neighbor_guided_reconstruction
     C = args.width
-    print(f"| tokens | IPCV kNN+NGR (keep 0.35), s | ToMe matching (r = N/4), s | SparseVLM DPC (30% of 65% dropped), s |")
+    print("| tokens | IPCV kNN+NGR (keep 0.35), s | ToMe matching (r = N/4), s | SparseVLM DPC (30% of 65% dropped), s |")
     print("|---|---|---|---|")
     for n in [int(x) for x in args.sizes.split(",")]:
         g = torch.Generator().manual_seed(0)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 
 import pytest
-import torch
 
 import tokcomp
 from tokcomp import bench

@@ -101,9 +101,9 @@ def configs_for(methods: Sequence[str], keeps: Sequence[float], depths: dict[str
         names = [n.strip() for n in m.split("+")]
         for k in keeps:
             spec = "+".join("none" if n == "none" else f"{n}(keep_ratio={k})" for n in names)
+            pair = parse_spec(spec, registry)                       # names and configs, before any model work
             if len(names) == 1:
-                reg_stage = parse_spec(spec, registry)
-                spec = spec + "+none" if reg_stage.vision is not None else "none+" + spec
+                spec = spec + "+none" if pair.vision is not None else "none+" + spec
             label = "+".join(n for n in names if n != "none") or "none"
             out.append(Config(label, spec, k))
             if baselines and sum(n != "none" for n in names) == 1:

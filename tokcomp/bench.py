@@ -170,7 +170,7 @@ def run(model, inputs_list, pairs: str, keeps: list[float], *, new_tokens: int =
     configs = specs_for(pairs, keeps, reg)
     adapter_cls = reg.resolve_adapter(model)
     rows, bases = [], []
-    bar = _progress(len(configs), progress)
+    bar = progress_bar(len(configs), progress)
     for pair, keep, spec in configs:
         try:
             r = measure(model, inputs_list, spec, bases, new_tokens=new_tokens, repeats=repeats, registry=reg,
@@ -185,7 +185,8 @@ def run(model, inputs_list, pairs: str, keeps: list[float], *, new_tokens: int =
     return rows
 
 
-def _progress(total: int, enabled: bool):
+def progress_bar(total: int, enabled: bool):
+    """``step(label)``: a one-line progress bar on stderr (nothing when disabled)."""
     import sys
     state = {"i": 0}
 

@@ -12,6 +12,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from tokcomp import bench_accuracy
 from tokcomp.errors import TokcompError
 
 
@@ -178,6 +179,9 @@ def cmd_run(args) -> int:
     return 0
 
 
+#: the pairs the toy / real-shaped fidelity benchmark compares by default
+TOY_PAIRS = "ipcv+dart,tome+fastv,dart_vit+v2drop,luvc_oim+luvc_spu,none+sparsevlm,pool+random,none"
+
 BENCH_MODELS = {
     # name: (tokcomp.testing preset, overrides, default procedural image sizes (H, W))
     "tiny-qwen2-vl": ("tiny-qwen2-vl", {}, [(112, 112), (84, 112)]),
@@ -199,9 +203,15 @@ def cmd_bench(args) -> int:
     from tokcomp.registry import default_registry
     from tokcomp.run import build_inputs, check_model, load
     from tokcomp.testing.images import procedural_image
+    check_attn(args.attn)
+    if args.model == bench_accuracy.MODEL:
+        return _bench_real(args)
+    if args.full or args.questions is not None:
+        raise UsageError(f"--full and --questions belong to the accuracy benchmark (--model {bench_accuracy.MODEL})")
+    args.pairs = args.pairs if args.pairs is not None else TOY_PAIRS
+    args.keep = args.keep if args.keep is not None else [0.5, 0.35, 0.2]
     for path in args.images or []:
         check_image(path)
-    check_attn(args.attn)
     if args.model not in BENCH_MODELS:
         check_model(args.model)
     configs = bench.specs_for(args.pairs, args.keep, default_registry())    # spec errors before any work
@@ -241,6 +251,30 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _bench_real(args) -> int:
+    """The accuracy benchmark on the real-weights tiny LLaVA (:mod:`tokcomp.bench_accuracy`)."""
+    from tokcomp import accuracy as acc
+    from tokcomp.registry import default_registry
+    preset = bench_accuracy.defaults(args.full)
+    args.keep = args.keep if args.keep is not None else preset["keep"]
+    args.questions = args.questions if args.questions is not None else preset["questions"]
+    if args.pairs is None:
+        args.pairs = preset["pairs"]
+    pairs = args.pairs.split(",") if args.pairs is not None else bench_accuracy.methods(args.full, default_registry())
+    pairs = [p.strip() for p in pairs if p.strip()]
+    if not pairs:
+        raise UsageError(f"--pairs {args.pairs!r} names no configuration to compare with the unmodified model; e.g. "
+                         "--pairs 'ipcv+dart,tome,fastv'")
+    args.pairs = ",".join(pairs)
+    acc.configs_for(pairs, args.keep, {"vision": 12, "llm": 30})         # names and configs before any work
+    if args.images:
+        raise UsageError("--images is for the toy benchmarks; the accuracy benchmark answers easy-VQA questions")
+    out_dir = check_out(args.out)
+    from tokcomp.tinyllava import wheels
+    wheels.check_installed()
+    return bench_accuracy.run(args, out_dir, progress=not args.quiet)
+
+
 def cmd_bench_fidelity(args) -> int:
     """Run benchmarks/fidelity/run.py (from a clone; needs the `bench` extra: real DINOv2-S weights and photos)."""
     import runpy
@@ -278,12 +312,21 @@ def main(argv=None) -> int:
     s.add_argument("--attn", default="sdpa", help="attention implementation (sdpa, eager, flash_attention_2)")
     s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     s.set_defaults(fn=cmd_run)
-    s = sub.add_parser("bench", help="every pair x budget vs the unmodified model: table, JSON and a PNG plot")
-    s.add_argument("--model", default="tiny-qwen2-vl", help=" | ".join(BENCH_MODELS) + " | local PATH")
-    s.add_argument("--pairs", default="ipcv+dart,tome+fastv,dart_vit+v2drop,luvc_oim+luvc_spu,none+sparsevlm,"
-                                      "pool+random,none",
-                   help='comma-separated pairs, e.g. "ipcv+dart,tome,fastv,none"')
-    s.add_argument("--keep", type=keep_ratios, default="0.5,0.35,0.2", help="comma-separated keep ratios")
+    s = sub.add_parser("bench", help="accuracy kept for speed gained on the real-weights tiny LLaVA (default), or "
+                                     "fidelity and speed on a toy / real-shaped model: table, JSON and a PNG plot")
+    s.add_argument("--model", default=bench_accuracy.MODEL,
+                   help=f"{bench_accuracy.MODEL} (accuracy on easy-VQA) | " + " | ".join(BENCH_MODELS) +
+                        " | local PATH (fidelity against the unmodified model)")
+    s.add_argument("--pairs", default=None,
+                   help='comma-separated configurations, e.g. "ipcv+dart,tome,fastv" (default: the headline ones; '
+                        f'with --full every method; toy models: "{TOY_PAIRS}")')
+    s.add_argument("--keep", type=keep_ratios, default=None,
+                   help="comma-separated keep ratios (default 0.35; --full and toy models: 0.5,0.35,0.2)")
+    s.add_argument("--questions", type=positive_int, default=None,
+                   help="held-out easy-VQA questions answered per configuration (default 100; --full 500)")
+    s.add_argument("--full", action="store_true",
+                   help="every vision compressor and LLM pruner and the headline pairs at 0.5/0.35/0.2 with matched "
+                        "baselines on 500 questions (docs/benchmarks/accuracy.md; about an hour on one core)")
     s.add_argument("--images", nargs="*", help="image files (default: procedural images)")
     s.add_argument("--prompt", default="describe the image")
     s.add_argument("--new-tokens", type=positive_int, default=8)

@@ -150,7 +150,8 @@ def test_kept_tokens_sit_where_the_contract_says(preset, spec):
 def test_the_replica_of_vllms_resize_gives_the_processors_grids():
     """vLLM's Qwen arithmetic (rewritten) against the transformers processor, tiny and real pixel bounds."""
     from transformers import Qwen2VLImageProcessorPil
-    sizes = [(h, w) for h in (14, 28, 29, 55, 56, 57, 111, 224, 480, 719, 1080, 2048) for w in (28, 61, 224, 640, 1920)]
+    sizes = [(h, w) for h in (14, 28, 29, 55, 56, 57, 111, 224, 480, 719, 1080, 2048)
+             for w in (28, 61, 224, 640, 1920)]
     for ip in (_vlm("tiny-qwen2-vl").processor.image_processor, Qwen2VLImageProcessorPil()):
         lo, hi = vllm.qwen_pixel_bounds(ip)
         for h, w in sizes:

@@ -19,7 +19,8 @@ from tokcomp.errors import ConfigError
 from tokcomp.testing import build_model, procedural_image
 
 PRESETS = ("tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-internvl", "tiny-llava")
-SPECS = ("none", "ipcv(keep_ratio=0.35,prune_layer=1,stabilize_layers=1)", "random(keep_ratio=0.5)+none", "random(num_tokens=3)+dart",
+SPECS = ("none", "ipcv(keep_ratio=0.35,prune_layer=1,stabilize_layers=1)", "random(keep_ratio=0.5)+none",
+         "random(num_tokens=3)+dart",
          "pool(keep_ratio=0.25)", "pool(keep_ratio=0.5)", "pool(num_tokens=3)", "dart_vit(keep_ratio=0.3)",
          "tome(keep_ratio=0.3)", "tome(keep_ratio=0.5,start_layer=2,schedule=decreasing)", "tofu(keep_ratio=0.4)",
          "luvc_oim(keep_ratio=0.25)", "luvc_oim(num_tokens=5)", "pool(keep_ratio=1.0)")

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Creates a virtual environment from a fresh clone: the CPU torch wheel, tokcomp (editable, with test extras) and
-# the example plugin. Nothing downloads model weights; the tiny models are built in-process.
+# Creates a virtual environment from a fresh clone: the CPU torch wheel, tokcomp (editable, with the test and lmms
+# extras), the example plugin and lmms-eval (without its own requirements: they pull torchvision and a CUDA torch;
+# the lmms extra holds what it imports on tokcomp's path). Nothing downloads model weights; the tiny models are built
+# in-process.
 #   VENV=.venv (default)                     the newest transformers pyproject.toml allows (what users get today)
 #   VENV=.venv-lowest TRANSFORMERS=5.19.0    one pinned transformers inside the declared range
 set -euo pipefail
@@ -12,5 +14,6 @@ PIN=${TRANSFORMERS:+transformers==$TRANSFORMERS}
 quiet() { "$@" 2>&1 | { grep -v "is ignored" || true; }; }   # pip's exit status still fails the script
 quiet "$VENV/bin/python" -m pip install -q --disable-pip-version-check torch==2.13.0
 quiet "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade-strategy eager \
-    -e ".[test]" -e examples/tokcomp-example-plugin $PIN
+    -e ".[test,lmms]" -e examples/tokcomp-example-plugin $PIN
+quiet "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps lmms-eval==0.7.3
 "$VENV/bin/python" -c "import torch, transformers, tokcomp; print('$VENV: tokcomp', tokcomp.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__)"

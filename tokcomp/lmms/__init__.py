@@ -9,7 +9,6 @@ Modules:
     loading  checkpoint + processor loading without torchvision, the parallelism check, the spec check
     records  the per-document tokcomp record, its de-duplicated gathering across ranks, the summary
     seeding  per-document seeds (the same result on any number of ranks)
-    report   ``python -m tokcomp.lmms.report OUT [BASELINE]``: scores and tokcomp columns side by side
     demo     ``python -m tokcomp.lmms.demo DIR``: a tiny offline checkpoint and local task to try the command on
 
 Install (lmms-eval without its torchvision / CUDA-torch requirements): see docs/evaluation.md.

@@ -133,14 +133,14 @@ def by_task(records: dict[tuple[str, Any], dict]) -> dict[str, dict[str, float]]
 
 def table(summaries: dict[str, dict[str, float]], spec: str) -> str:
     """A markdown table of per-task summaries (what ``--model tokcomp`` prints after the run)."""
-    head = ("| task | docs | visual tokens: prompt -> LLM (avg over layers) | keep | prompt tokens -> LLM | TFLOPs "
-            "(x unmodified) | KV MB (x unmodified) | TTFT ms | generate s |")
+    head = ("| task | docs | visual tokens: prompt -> LLM (avg over layers) | keep | prompt tokens -> effective | "
+            "TFLOPs (x unmodified) | KV MB (x unmodified) | TTFT ms | generate s |")
     rows = [f"tokcomp `{spec}`", "", head, "|" + "---|" * 9]
     for task, s in summaries.items():
         def g(k, scale=1.0, fmt="{:.1f}"):
             return fmt.format(s[k] * scale) if k in s else "-"
         rows.append(f"| {task} | {int(s['docs'])} | {g('visual_tokens')} -> {g('visual_tokens_llm')} | "
-                    f"{g('visual_keep', fmt='{:.3f}')} | {g('prompt_tokens')} -> {g('llm_prompt_tokens')} | "
+                    f"{g('visual_keep', fmt='{:.3f}')} | {g('prompt_tokens')} -> {g('effective_prompt_tokens')} | "
                     f"{g('tflops_total', fmt='{:.4g}')} ({g('tflops_ratio', fmt='{:.3f}')}) | "
                     f"{g('kv_bytes', 1 / 2**20, '{:.3f}')} ({g('kv_ratio', fmt='{:.3f}')}) | "
                     f"{g('ttft_s', 1e3)} | {g('generate_s', fmt='{:.3f}')} |")

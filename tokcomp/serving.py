@@ -52,12 +52,8 @@ def _vision(spec: Any):
 # units per segment: one rule per vision compressor with a budget known in advance
 # ------------------------------------------------------------------------------------------------------------
 def _random(s, h: int, w: int, depth: int | None) -> int:
+    """``keep_count(units)`` per segment: random, DART-ViT, pool (exactly that many windows)."""
     return s.config.keep_count(h * w)
-
-
-def _pool(s, h: int, w: int, depth: int | None) -> int:
-    ph, pw = s.window(s._area(h * w))
-    return math.ceil(h / ph) * math.ceil(w / pw)
 
 
 def _tome(s, h: int, w: int, depth: int | None) -> int:
@@ -81,7 +77,7 @@ def _rules() -> list[tuple[type, Callable]]:
     from tokcomp.plugins.dart_vit import DartViT
     from tokcomp.plugins.luvc_oim import LuvcOIM
     from tokcomp.plugins.tome import ToMe          # ToFu is a ToMe: same matching, same counts
-    return [(RandomVision, _random), (DartViT, _random), (Pool, _pool), (ToMe, _tome), (LuvcOIM, _luvc_oim)]
+    return [(RandomVision, _random), (DartViT, _random), (Pool, _random), (ToMe, _tome), (LuvcOIM, _luvc_oim)]
 
 
 def units_per_segment(strategy, h: int, w: int, vision_depth: int | None = None) -> int:

@@ -95,3 +95,27 @@ def test_a_spec_file_is_read(tmp_path):
     assert loading.parse_compress(str(f)).spec.startswith("pool(keep_ratio=0.5)+dart(")
     with pytest.raises(SpecError, match="no such spec file"):
         loading.parse_compress(str(tmp_path / "missing.yaml"))
+
+
+class _Accel:
+    def __init__(self, n: int, device: str):
+        self.num_processes, self.device = n, device
+
+
+def test_each_rank_uses_its_own_device():
+    import torch
+    assert loading.local_device("cuda:0", _Accel(2, "cpu")) == torch.device("cpu")     # --device is one GPU for all
+    assert loading.local_device(None, _Accel(1, "cpu")) == torch.device("cpu")
+    assert loading.local_device("cpu", _Accel(1, "cpu")) == torch.device("cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA device"):
+            loading.local_device("cuda:0", _Accel(1, "cpu"))
+
+
+def test_the_demo_cli_refuses_bad_arguments_with_one_line(tmp_path, capsys):
+    from tokcomp.lmms import demo
+    assert demo.main([str(tmp_path), "--model", "qwen2-vl-2b-shaped"]) == 2
+    assert demo.main([str(tmp_path), "--docs", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "not a tiny preset" in err[0] and "--docs" in err[1]
+    assert not any(tmp_path.iterdir())                           # nothing written

@@ -80,6 +80,20 @@ def _images(items) -> list:
     return out
 
 
+def _check_version() -> None:
+    """Warn once when lmms-eval is not the release this integration is tested with (its request formats move)."""
+    import warnings
+    from importlib.metadata import version
+
+    from tokcomp.lmms import TESTED_LMMS_EVAL
+    found = version("lmms_eval")
+    if found != TESTED_LMMS_EVAL and not getattr(_check_version, "done", False):
+        _check_version.done = True
+        warnings.warn(f"--model tokcomp is tested with lmms-eval {TESTED_LMMS_EVAL}; this is {found}. Fix: pip install "
+                      f"--no-deps lmms-eval=={TESTED_LMMS_EVAL} (docs/evaluation.md), or check the results closely.",
+                      UserWarning, stacklevel=3)
+
+
 class _Tokcomp(lmms):
     """The shared implementation; :class:`TokcompChat` and :class:`TokcompSimple` differ in how a request becomes
     a prompt."""
@@ -107,7 +121,8 @@ class _Tokcomp(lmms):
         self._world_size = self.accelerator.num_processes
         self._model, self.processor = loading.load_checkpoint(str(pretrained), self._device, str(dtype),
                                                               attn_implementation)
-        self.session = tokcomp.compress(self._model, self.pair)        # validates adapter, needs, layers; not entered
+        tokcomp.compress(self._model, self.pair)     # validates adapter, needs, layers (each document opens its own)
+        _check_version()
         self.spec = self.pair.spec
         self.seed = int(seed)
         self.max_new_tokens = int(max_new_tokens)
@@ -149,7 +164,8 @@ class _Tokcomp(lmms):
 
     # -- one document ------------------------------------------------------------------------------------
     def _run(self, request: Instance, fn):
-        """``fn(inputs-independent)`` inside this document's seeded session; returns ``(fn's value, session)``."""
+        """``fn()`` (a generate or a scoring forward) inside this document's own session (the pair with the document's
+        seeds) and torch generators seeded for the document; returns ``(fn's value, the closed session)``."""
         import tokcomp
         task, doc_id = request.task_name, request.doc_id
         pair = seeding.seeded_pair(self.pair, task, doc_id)

@@ -58,11 +58,15 @@ def evaluate(lmms_home):
     from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.tasks import TaskManager
 
-    def run(paths: dict, compress: str, model_args: str = "", **kw) -> dict:
+    def run(paths: dict, compress: str | None, model_args: str = "", **kw) -> dict:
+        """``compress=None``: ``model_args`` is the whole argument string (as a shell would hand it over)."""
         tasks = str(paths["tasks"])
         if tasks not in _MANAGERS:
             _MANAGERS[tasks] = TaskManager("WARNING", include_path=tasks)
-        args = f'pretrained={paths["model"]},compress="{compress}"' + (f",{model_args}" if model_args else "")
+        if compress is None:
+            args = model_args
+        else:
+            args = f'pretrained={paths["model"]},compress="{compress}"' + (f",{model_args}" if model_args else "")
         py, npy = random.getstate(), np.random.get_state()
         with torch.random.fork_rng(devices=[]):
             try:

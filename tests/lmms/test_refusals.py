@@ -42,11 +42,9 @@ def test_a_bad_spec_fails_before_weights_and_data(demo_task, evaluate, no_data, 
 
 
 def test_an_unquoted_spec_cut_by_lmms_eval_names_the_quoting(demo_task, evaluate, no_data, no_weights):
-    from lmms_eval.evaluator import simple_evaluate
     paths = demo_task()
     with pytest.raises(SpecError) as e:     # what the shell hands over without the inner quotes
-        simple_evaluate(model="tokcomp", tasks=["tokcomp_demo"],
-                        model_args=f"pretrained={paths['model']},compress=ipcv(keep_ratio=0.35,prune_layer=2)+dart")
+        evaluate(paths, None, f"pretrained={paths['model']},compress=ipcv(keep_ratio=0.35,prune_layer=2)+dart")
     msg = str(e.value)
     assert "cut at a comma" in msg and "prune_layer=2)+dart" in msg and "compress=\"ipcv" in msg
 

@@ -141,6 +141,7 @@ class ViTEngine:
         self.grid: tuple[int, int] | None = None
         self.shape: tuple[int, int] = (0, 0)          # (B, P + h*w) of the call in flight
         self.sources: Tensor | None = None
+        self._per_image: tuple | None = None
         self.last_tokens: VisionTokens | None = None
         self.last_kept: VisionTokens | None = None
         self.last_sources: Tensor | None = None
@@ -172,7 +173,7 @@ class ViTEngine:
         if self.rule != "zeros" and (kw.get("output_hidden_states") or kw.get("output_attentions")):
             raise AdapterError("ViT adapter: per-layer hidden_states / attentions are not available while a vision "
                                "compressor changes the token set; call the model outside the session for them")
-        self.grid, self.sources = None, None
+        self.grid, self.sources, self._per_image = None, None, None
         return None
 
     def _embeddings_pre(self, mod, args, kw):
@@ -203,10 +204,13 @@ class ViTEngine:
 
     def native(self, i, tokens, q_seg, args, kw):
         B = self.shape[0]
-        counts = torch.bincount(tokens.segment, minlength=B)
-        if not bool((counts == counts[0]).all()):
+        memo = self._per_image
+        if memo is None or memo[0] is not tokens.segment:              # one host sync per token-set change
+            counts = torch.bincount(tokens.segment, minlength=B)
+            memo = self._per_image = (tokens.segment, int(counts[0]) if bool((counts == counts[0]).all()) else 0)
+        if not memo[1]:
             return None
-        return self._feed(tokens.hidden.reshape(B, int(counts[0]), tokens.hidden.shape[-1]), args, kw)
+        return self._feed(tokens.hidden.reshape(B, memo[1], tokens.hidden.shape[-1]), args, kw)
 
     def dummy(self, i, tokens, args, kw):
         return self._feed(tokens.hidden[:1][None], args, kw)          # [1, 1, C]: the native call costs ~0

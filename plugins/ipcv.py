@@ -31,7 +31,7 @@ from torch import Tensor
 from tokcomp.config import LayerField, StrategyConfig
 from tokcomp.errors import ConfigError
 from tokcomp.hookspecs import hookimpl
-from tokcomp.ops.knn import knn, neighbor_guided_reconstruction
+from tokcomp.ops.knn import knn, neighbor_average, neighbor_guided_reconstruction
 from tokcomp.ops.select import topk_per_segment
 from tokcomp.strategy import ViTCompressor
 from tokcomp.tokens import BlockVariant, VisionContext, VisionTokens
@@ -67,6 +67,7 @@ class _Pruned:
     h0_nb: Tensor[M, C] the neighbours' pruning-time states.
     nn: LongTensor[R, k] neighbour indices into ``nb`` (nearest first; -1 = none).
     n_kept: rows of the kept token set (sanity check).
+    average: the NGR averaging operator of ``nn`` (built once, used by every stabilised block and ``finish``).
     """
 
     removed: VisionTokens
@@ -74,6 +75,7 @@ class _Pruned:
     h0_nb: Tensor
     nn: Tensor
     n_kept: int
+    average: Tensor | None = None
 
 
 def update_score(h_out: Tensor, h_in: Tensor) -> Tensor:
@@ -97,9 +99,9 @@ def keep_mask(score: Tensor, segment: Tensor, cls: Tensor, k_per_segment: Tensor
     return keep
 
 
-def ngr(removed_h0: Tensor, h_nb_now: Tensor, h0_nb: Tensor, nn: Tensor) -> Tensor:
+def ngr(removed_h0: Tensor, h_nb_now: Tensor, h0_nb: Tensor, nn: Tensor, average: Tensor | None = None) -> Tensor:
     """NGR (Eq. 3-5): ``removed_h0 + mean_j (h_nb_now - h0_nb)[nn[:, j]]``; [R, C], [M, C], [M, C], [R, k] -> [R, C]."""
-    return neighbor_guided_reconstruction(removed_h0, h_nb_now - h0_nb, nn)
+    return neighbor_guided_reconstruction(removed_h0, h_nb_now - h0_nb, nn, average)
 
 
 class IPCV(ViTCompressor):
@@ -183,7 +185,8 @@ class IPCV(ViTCompressor):
         nb = (~kept.cls).nonzero().squeeze(1)  # CLS is no spatial neighbour
         nn = knn(removed.hidden, kept.hidden[nb], self.config.neighbors,
                  query_group=removed.segment, key_group=kept.segment[nb])
-        ctx.state[self._KEY] = _Pruned(removed, nb, kept.hidden[nb], nn, kept.n)
+        ctx.state[self._KEY] = _Pruned(removed, nb, kept.hidden[nb], nn, kept.n,
+                                       neighbor_average(nn.to(kept.hidden.device), nb.numel()))
         return kept
 
     def finish(self, tokens: VisionTokens, ctx: VisionContext) -> VisionTokens:
@@ -207,7 +210,7 @@ class IPCV(ViTCompressor):
             raise RuntimeError(f"ipcv: the kept token set changed size ({st.n_kept} -> {tokens.n}) after pruning; "
                                "IPCV must be the only compressor acting on the tower")
         nb_rows = st.nb.to(tokens.hidden.device)
-        return st.removed.with_hidden(ngr(st.removed.hidden, tokens.hidden[nb_rows], st.h0_nb, st.nn))
+        return st.removed.with_hidden(ngr(st.removed.hidden, tokens.hidden[nb_rows], st.h0_nb, st.nn, st.average))
 
 
 @hookimpl

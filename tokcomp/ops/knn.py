@@ -15,12 +15,13 @@ cost the sum of their own R x K, not the whole call's.
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
 from torch import Tensor
 
-__all__ = ["knn", "knn_where", "neighbor_guided_reconstruction", "smallest_k", "unique_rows"]
+__all__ = ["knn", "knn_where", "neighbor_average", "neighbor_guided_reconstruction", "smallest_k", "unique_rows"]
 
 
 def unique_rows(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -310,7 +311,26 @@ def _exact_rerank(q: Tensor, k: Tensor, band: Tensor, kk: int, pair_batch: int) 
     return idx.masked_fill_(torch.isinf(exact.gather(1, idx)), -1)
 
 
-def neighbor_guided_reconstruction(h0_removed: Tensor, drift_kept: Tensor, nn: Tensor) -> Tensor:
+def neighbor_average(nn: Tensor, n_keys: int) -> Tensor:
+    """The NGR averaging operator of a neighbour table: a sparse CSR matrix ``W [R, n_keys]`` (float32) with
+    ``W[i, nn[i, j]] = 1 / (valid neighbours of i)`` for every valid (``>= 0``) entry, so that ``W @ drift`` is each
+    row's mean neighbour drift (a row without neighbours: zero). Build it once per neighbour table; applying it is one
+    sparse matmul, whatever ``k``."""
+    r, k = nn.shape
+    valid = nn >= 0
+    count = valid.sum(1).clamp_min(1).float()
+    rows = torch.arange(r, device=nn.device)[:, None].expand(r, k)[valid]
+    cols = nn[valid]
+    vals = (1.0 / count)[:, None].expand(r, k)[valid]
+    coo = torch.sparse_coo_tensor(torch.stack([rows, cols]), vals, (r, n_keys),
+                                  check_invariants=False).coalesce()      # valid by construction
+    with warnings.catch_warnings():                 # torch warns once that CSR is "beta"; the ops used here are stable
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return coo.to_sparse_csr()
+
+
+def neighbor_guided_reconstruction(h0_removed: Tensor, drift_kept: Tensor, nn: Tensor,
+                                   average: Tensor | None = None) -> Tensor:
     """IPCV NGR (paper Eq. 3-5): removed tokens follow the mean drift of their kept neighbours.
 
     ``h_removed_now = h0_removed + mean_j drift_kept[nn[:, j]]`` where
@@ -322,19 +342,14 @@ def neighbor_guided_reconstruction(h0_removed: Tensor, drift_kept: Tensor, nn: T
         nn: LongTensor[R, k] indices into the kept tokens (e.g. from :func:`knn`); ``-1``
             entries are padding and are left out of the mean. A row with no valid neighbour
             gets zero drift (its pruning-time state).
+        average: :func:`neighbor_average` of ``nn`` (built here if not given; pass it when the same table
+            serves several calls, as in IPCV's stabilised blocks).
     Returns:
-        [R, C] in ``h0_removed.dtype``; the mean is accumulated in float32, one neighbour
-        column at a time (memory O(R * C), not O(R * k * C)).
+        [R, C] in ``h0_removed.dtype``; the mean is one sparse matmul in float32 (memory O(R * k + R * C)).
     """
-    r, c = h0_removed.shape
     if drift_kept.shape[0] == 0 or nn.shape[1] == 0:
         return h0_removed.clone()
-    acc = torch.zeros(r, c, dtype=torch.float32, device=h0_removed.device)
-    count = torch.zeros(r, 1, dtype=torch.float32, device=h0_removed.device)
-    for j in range(nn.shape[1]):
-        col = nn[:, j].to(drift_kept.device)
-        valid = (col >= 0)[:, None]
-        picked = drift_kept.index_select(0, col.clamp_min(0)).float()
-        acc += torch.where(valid, picked, torch.zeros((), dtype=torch.float32, device=picked.device))
-        count += valid
-    return (h0_removed.float() + acc / count.clamp_min(1.0)).to(h0_removed.dtype)
+    if average is None:
+        average = neighbor_average(nn.to(drift_kept.device), drift_kept.shape[0])
+    drift = torch.sparse.mm(average.to(drift_kept.device), drift_kept.float())
+    return (h0_removed.float() + drift.to(h0_removed.device)).to(h0_removed.dtype)

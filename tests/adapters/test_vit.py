@@ -130,6 +130,26 @@ def test_strategy_runs_keeps_shape_and_batch_equals_alone(enc, name):
     _same(after, ref, exact=True)
 
 
+def test_blocks_run_by_the_engine_skip_their_native_forward(enc, monkeypatch):
+    """A block the engine runs itself (every ToMe block) never calls the layer's own forward; an untouched block
+    (keep 1.0) calls it once per tower call; after exit the layer class's forward is the one called again."""
+    kind, model = enc
+    layer = find_parts(model).layers[0]
+    calls = []
+    native = type(layer).forward
+
+    def counting(self, *a, **k):
+        calls.append(1)
+        return native(self, *a, **k)
+    monkeypatch.setattr(type(layer), "forward", counting)
+    px = _pixels(kind)
+    _run(model, px, "tome(keep_ratio=0.5)")
+    assert calls == []
+    _run(model, px, "tome(keep_ratio=1.0)")
+    assert len(calls) == len(find_parts(model).layers)
+    assert not any("forward" in vars(m) for m in model.modules())
+
+
 def test_exit_restores_after_exception(enc):
     from tokcomp.testing.invariants import model_state
     kind, model = enc

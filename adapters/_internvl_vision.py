@@ -125,7 +125,7 @@ class InternVLVision:
     """Drives a ViTCompressor through InternViT (also the tower's :class:`~adapters._tower.TowerIO`).
 
     The native layer runs on ``[T, K, C]`` whenever every tile holds the same count K and no variant is asked
-    for; otherwise the block runs here on any per-tile counts and the native layer gets a ``[1, 1, C]`` dummy. After
+    for; otherwise the block runs here on any per-tile counts and the native layer's forward is skipped. After
     the last layer ``finish`` is validated and scattered back to the full ``[T, 1 + g*g, C]`` grid (zero rows at
     dropped units) so the model's pixel shuffle still works; for unit strategies that dropped units the projector
     runs on the kept units only (``[1, U', 4C]``) and its output is scattered back to ``[T, (g/2)^2, D]``. The

@@ -5,7 +5,7 @@ Hooks (through the adapter's ``Surgery``):
 * the tower's pre-hook builds the call's packing metadata from ``grid_thw`` (:mod:`adapters._qwen_layout`);
 * :class:`~adapters._tower.HookedTower` drives every block: the native block gets the current token set as one
   packed sequence (``cu_seqlens`` per frame, or per Qwen2.5-VL window, ``max_seqlen`` for flash, gathered rotary
-  ``cos``/``sin``), or a 1-token dummy when a block variant ran here from the block's submodules;
+  ``cos``/``sin``), or, when a block variant ran here from the block's submodules, nothing (the native forward is skipped);
 * the merger's pre-hook runs ``finish`` and feeds the merger only the surviving units (whole 2x2 groups); its
   forward hook scatters the merged units back to full size (zeros at dropped units, Qwen2.5-VL window order kept,
   so the model's own reverse permutation and split still work);

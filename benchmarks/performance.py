@@ -3,8 +3,8 @@
     .venv/bin/python benchmarks/performance.py overhead   [--model bench-qwen2-vl-2b] [--repeats 5]
     .venv/bin/python benchmarks/performance.py speedup    [--dtype bfloat16] [--pixels 1300] [--repeats 2]
     .venv/bin/python benchmarks/performance.py selection  [--sizes 1024,4096,16384]
-    .venv/bin/python benchmarks/performance.py vision-table   (issue 5: each vision compressor, tower time vs FLOPs)
-    .venv/bin/python benchmarks/performance.py llm-table      (issue 6: each LLM pruner, prefill time vs FLOPs)
+    .venv/bin/python benchmarks/performance.py vision-table [--shape qwen2-vl-2b|llava-small]  (tower time vs FLOPs)
+    .venv/bin/python benchmarks/performance.py llm-table    [--shape qwen2-vl-2b|llava-small]  (LLM prefill vs FLOPs)
 
 overhead:  a session at keep 1.0 against no session (prefill = generate(max_new_tokens=1)), on a bench-shaped model.
 speedup:   realised prefill speedup against the FLOPs-model speedup for ipcv+dart (0.35/0.35), fastv and dart alone,
@@ -124,11 +124,26 @@ def selection(args):
 
 
 
-def _qwen2b(dtype, text_layers=None):
-    """The Qwen2-VL-2B-shaped preset (real depths and widths, random weights)."""
+#: the real-weights tiny LLaVA's shapes (random weights): DINOv2-S/14 at 224 px (256 patches, 12 blocks, width 384)
+#: and SmolLM2-135M (30 layers, width 576, 9 heads / 3 KV heads)
+LLAVA_SMALL = dict(llava_tower="dinov2", vision_feature_layer=-1, vision_layers=12, vision_width=384, vision_heads=6,
+                   vision_mlp_ratio=4, image_size=224, text_layers=30, text_width=576, text_heads=9, text_kv_heads=3,
+                   text_intermediate=1536)
+
+
+def _shape(name: str, dtype: str, llm: bool):
+    """(vlm, tower(images) -> None, one image) for ``qwen2-vl-2b`` (real widths) or ``llava-small`` (the real tiny
+    LLaVA's shapes); without ``llm`` the language model is cut to one layer (only the tower is timed)."""
     from tokcomp.testing import build_model
-    over = {} if text_layers is None else {"text_layers": text_layers}
-    return build_model("qwen2-vl-2b-shaped", dtype=getattr(torch, dtype), **over)
+    from tokcomp.testing.images import procedural_image
+    dt = getattr(torch, dtype)
+    if name == "qwen2-vl-2b":
+        vlm = build_model("qwen2-vl-2b-shaped", dtype=dt, **({} if llm else {"text_layers": 1}))
+        return vlm, procedural_image(448, 448, seed=0)
+    if name == "llava-small":
+        over = dict(LLAVA_SMALL, **({} if llm else {"text_layers": 1}))
+        return build_model("tiny-llava", dtype=dt, **over), procedural_image(224, 224, seed=0)
+    raise SystemExit(f"unknown --shape {name!r}; use qwen2-vl-2b or llava-small")
 
 
 def _with_keep(name: str, k: float) -> str:
@@ -136,84 +151,98 @@ def _with_keep(name: str, k: float) -> str:
     return f"{name[:-1]},keep_ratio={k})" if name.endswith(")") else f"{name}(keep_ratio={k})"
 
 
+def _interleaved(fn, repeats: int, calls: int, session) -> tuple[float, float, object]:
+    """Median over ``repeats`` of (time inside ``session()`` / time without), each side the median of ``calls``
+    calls after one warm-up, the two sides back to back so machine drift hits both. Returns (ratio, base s, s)."""
+    ratios, bases = [], []
+    for _ in range(repeats):
+        fn()
+        b = median_time(fn, calls)
+        with session() as s:
+            fn()
+            t = median_time(fn, calls)
+        ratios.append(t / b)
+        bases.append(b)
+    return statistics.median(ratios), statistics.median(bases), s
+
+
 def vision_table(args):
-    """Issue 5: vision-tower time relative to the unmodified tower, next to the FLOPs-model ratio."""
+    """Vision-tower time relative to the unmodified tower (interleaved), next to the FLOPs-model ratio."""
     import tokcomp
     from tokcomp.metrics.cost import vision_cost
     from tokcomp.testing import make_inputs
-    from tokcomp.testing.images import procedural_image
-    vlm = _qwen2b(args.dtype, text_layers=1)          # the tower is the real one; the LLM is not used here
+    vlm, image = _shape(args.shape, args.dtype, llm=False)
     model = vlm.model
-    side = args.side
-    inputs = make_inputs(vlm, [procedural_image(side, side, seed=0)])
-    pv, grid = inputs["pixel_values"].to(getattr(torch, args.dtype)), inputs["image_grid_thw"]
+    inputs = make_inputs(vlm, [image])
+    dt = getattr(torch, args.dtype)
+    kw = {k: (v.to(dt) if k == "pixel_values" else v) for k, v in inputs.items()
+          if k in ("pixel_values", "image_grid_thw")}
 
     def tower():
         with torch.inference_mode():
-            model.model.get_image_features(pixel_values=pv, image_grid_thw=grid)
-    tower()
-    base_t = median_time(tower, args.repeats)
+            model.model.get_image_features(**kw)
     with tokcomp.compress(model, "none") as s:
         tower()
     vd, depth = s.adapter.dims()[0], s.adapter.depths()["vision"]
     base_f = vision_cost(vd, s.report.vision[-1], depth)
-    print(f"patches {int(grid.prod())}, dtype {args.dtype}, threads {torch.get_num_threads()}, "
-          f"unmodified tower {base_t:.2f} s")
-    print("| method | keep | tower time ratio | FLOPs-model ratio | realised / predicted saving |")
-    print("|---|---|---|---|---|")
+    print(f"{args.shape}: {s.report.vision[-1].vision_in} patches, dtype {args.dtype}, threads "
+          f"{torch.get_num_threads()}, {args.repeats} interleaved repeat(s) of {args.calls} call(s)")
+    print("| method | keep | unmodified tower s | tower time ratio | FLOPs-model ratio | realised / predicted saving |")
+    print("|---|---|---|---|---|---|")
     for name in args.methods.split(";"):
         for k in [float(x) for x in args.keep.split(",")]:
-            with tokcomp.compress(model, vision=_with_keep(name, k)) as s:
-                tower()
-                t = median_time(tower, args.repeats)
-            f = vision_cost(vd, s.report.vision[-1], depth)
-            saving = (1 - t / base_t) / (1 - f / base_f) if f < base_f else float("nan")
-            print(f"| `{name}` | {k:g} | {t / base_t:.3f} | {f / base_f:.3f} | {saving:.0%} |", flush=True)
+            spec = _with_keep(name, k)
+            ratio, base, s = _interleaved(tower, args.repeats, args.calls,
+                                          lambda: tokcomp.compress(model, vision=spec))
+            f = vision_cost(vd, s.report.vision[-1], depth) / base_f
+            saving = (1 - ratio) / (1 - f) if f < 1 else float("nan")
+            print(f"| `{name}` | {k:g} | {base:.3f} | {ratio:.3f} | {f:.3f} | {saving:.0%} |", flush=True)
 
 
 def llm_table(args):
-    """Issue 6: LLM prefill time relative to the unmodified model, next to the FLOPs-model ratio (vision features
-    computed once and passed in, so only the language model is timed)."""
+    """LLM prefill time relative to the unmodified model (interleaved), next to the FLOPs-model ratio (vision
+    features computed once and passed in, so only the language model is timed)."""
     import tokcomp
     from tokcomp.metrics.cost import llm_cost
     from tokcomp.testing import make_inputs
-    from tokcomp.testing.images import procedural_image
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
-    vlm = _qwen2b(args.dtype)
+    vlm, image = _shape(args.shape, args.dtype, llm=True)
     model = vlm.model
-    inputs = make_inputs(vlm, [procedural_image(args.side, args.side, seed=0)])
-    inputs["pixel_values"] = inputs["pixel_values"].to(getattr(torch, args.dtype))
+    dt = getattr(torch, args.dtype)
+    if args.shape == "qwen2-vl-2b":
+        from tokcomp.testing.images import procedural_image
+        image = procedural_image(args.side, args.side, seed=0)
+    inputs = make_inputs(vlm, [image] * args.images, "what color is the shape?")
+    inputs["pixel_values"] = inputs["pixel_values"].to(dt)
     with torch.inference_mode():
-        feats = model.model.get_image_features(pixel_values=inputs["pixel_values"],
-                                               image_grid_thw=inputs["image_grid_thw"])
+        enc = model.model.get_image_features(**{k: v for k, v in inputs.items()
+                                                if k in ("pixel_values", "image_grid_thw")}, return_dict=True)
     kw = {k: v for k, v in inputs.items() if k != "pixel_values"}
-    kw["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=feats.pooler_output)}
+    kw["mm_encoder_outputs"] = {"image": enc}
     n_vis = int((inputs["input_ids"] == model.config.image_token_id).sum())
 
     def prefill():
         with torch.inference_mode():
             model(**kw, use_cache=True, logits_to_keep=1)
-    prefill()
-    base_t = median_time(prefill, args.repeats)
     with tokcomp.compress(model, "none") as s:
         prefill()
     ld = s.adapter.dims()[1]
     text = s.report.last.llm_text
     base_f = llm_cost(ld, s.report.last, text, 1)[0]
-    print(f"visual tokens {n_vis}, text {text[0]}, dtype {args.dtype}, threads {torch.get_num_threads()}, "
-          f"unmodified prefill {base_t:.2f} s")
-    print("| pruner | keep | prefill time ratio | FLOPs-model ratio | realised / predicted saving | layer-avg visual |")
-    print("|---|---|---|---|---|---|")
+    print(f"{args.shape}: {n_vis} visual tokens ({args.images} image(s)), text {text[0]}, dtype {args.dtype}, "
+          f"threads {torch.get_num_threads()}, {args.repeats} interleaved repeat(s) of {args.calls} call(s)")
+    print("| pruner | keep | unmodified prefill s | prefill time ratio | FLOPs-model ratio | realised / predicted saving "
+          "| layer-avg visual |")
+    print("|---|---|---|---|---|---|---|")
     for name in args.methods.split(","):
         for k in [float(x) for x in args.keep.split(",")]:
-            with tokcomp.compress(model, llm=f"{name}(keep_ratio={k})") as s:
-                prefill()
-                t = median_time(prefill, args.repeats)
+            spec = f"{name}(keep_ratio={k})"
+            ratio, base, s = _interleaved(prefill, args.repeats, args.calls,
+                                          lambda: tokcomp.compress(model, llm=spec))
             rec = s.report.last
-            f = llm_cost(ld, rec, text, 1)[0]
+            f = llm_cost(ld, rec, text, 1)[0] / base_f
             avg = statistics.mean(v[0] for v in rec.llm_layers.values())
-            saving = (1 - t / base_t) / (1 - f / base_f) if f < base_f else float("nan")
-            print(f"| {name} | {k:g} | {t / base_t:.3f} | {f / base_f:.3f} | {saving:.0%} | {avg:.0f} |", flush=True)
+            saving = (1 - ratio) / (1 - f) if f < 1 else float("nan")
+            print(f"| {name} | {k:g} | {base:.2f} | {ratio:.3f} | {f:.3f} | {saving:.0%} | {avg:.0f} |", flush=True)
 
 
 def main(argv=None):
@@ -233,19 +262,24 @@ def main(argv=None):
                                       "none+dart(keep_ratio=0.35)")
     s.set_defaults(fn=speedup)
     s = sub.add_parser("vision-table")
+    s.add_argument("--shape", default="qwen2-vl-2b", help="qwen2-vl-2b (448 px: 1,024 patches) or llava-small "
+                                                         "(DINOv2-S at 224 px: 256 patches)")
     s.add_argument("--dtype", default="bfloat16")
-    s.add_argument("--side", type=int, default=448, help="image side in px (448: 1,024 patches)")
     s.add_argument("--methods", default="ipcv;tome;tofu;dart_vit;luvc_oim;pool;random",
                    help='";"-separated names or spec parts, e.g. "ipcv;dart_vit(layer=2)"')
-    s.add_argument("--keep", default="0.5,0.35,0.2")
-    s.add_argument("--repeats", type=int, default=2)
+    s.add_argument("--keep", default="0.35,0.2")
+    s.add_argument("--repeats", type=int, default=3, help="interleaved (unmodified, compressed) pairs per row")
+    s.add_argument("--calls", type=int, default=1, help="timed calls per side per repeat (median)")
     s.set_defaults(fn=vision_table)
     s = sub.add_parser("llm-table")
+    s.add_argument("--shape", default="qwen2-vl-2b", help="qwen2-vl-2b or llava-small (SmolLM2-135M shape)")
     s.add_argument("--dtype", default="bfloat16")
-    s.add_argument("--side", type=int, default=896, help="image side in px (896: 1,024 visual tokens)")
+    s.add_argument("--side", type=int, default=896, help="qwen2-vl-2b image side in px (896: 1,024 visual tokens)")
+    s.add_argument("--images", type=int, default=1, help="images in the prompt (llava-small: 256 tokens each)")
     s.add_argument("--methods", default="fastv,dart,v2drop,sparsevlm,luvc_spu,random")
     s.add_argument("--keep", default="0.35,0.2")
-    s.add_argument("--repeats", type=int, default=2)
+    s.add_argument("--repeats", type=int, default=3)
+    s.add_argument("--calls", type=int, default=1)
     s.set_defaults(fn=llm_table)
     s = sub.add_parser("selection")
     s.add_argument("--sizes", default="1024,4096,16384")
@@ -254,7 +288,7 @@ def main(argv=None):
     s.set_defaults(fn=selection)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
-        torch.set_num_threads(int(__import__("os").environ.get("OMP_NUM_THREADS", "2")))
+        torch.set_num_threads(int(__import__("os").environ.get("OMP_NUM_THREADS", "1")))
     args.fn(args)
 
 

@@ -16,6 +16,7 @@ transformers is imported lazily, inside the functions, so ``import tokcomp`` sta
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.metadata as md
 import inspect
@@ -271,3 +272,17 @@ def vision_window_index(grid_thw, merge: int, window_size: int, patch_size: int)
     """Qwen2.5-VL's window permutation and window ``cu_seqlens`` (``transformers.vision_utils``)."""
     from transformers.vision_utils import get_vision_window_index
     return get_vision_window_index(grid_thw, merge, window_size, patch_size)
+
+
+@contextlib.contextmanager
+def quiet_loading():
+    """transformers' loading progress bars (GGUF de-quantising, weight loading, shard writing) off inside the
+    block, restored after (for commands whose own output is a table)."""
+    from transformers.utils import logging as hf_logging
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()

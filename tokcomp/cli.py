@@ -334,7 +334,7 @@ def main(argv=None) -> int:
                    help="held-out easy-VQA questions answered per configuration (default 100; --full 500)")
     s.add_argument("--full", action="store_true",
                    help="every vision compressor and LLM pruner and the headline pairs at 0.5/0.35/0.2 with matched "
-                        "baselines on 500 questions (docs/benchmarks/accuracy.md; about an hour on one core)")
+                        "baselines on 500 questions (docs/benchmarks/accuracy.md; about four hours on one core)")
     s.add_argument("--images", nargs="*", help="image files (default: procedural images)")
     s.add_argument("--prompt", default="describe the image")
     s.add_argument("--new-tokens", type=positive_int, default=8)

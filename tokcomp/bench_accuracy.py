@@ -50,7 +50,7 @@ def run(args, out_dir, progress: bool = True) -> int:
     from tokcomp.registry import default_registry
     from tokcomp.tinyllava import build_tiny_llava, heldout_questions
     from tokcomp.tinyllava.data import KINDS
-    from tokcomp.tinyllava.evaluate import answer, score
+    from tokcomp.tinyllava.evaluate import answer, left_padded, score
     reg = default_registry()
     pairs = args.pairs.split(",") if args.pairs else methods(args.full, reg)
     model, processor = build_tiny_llava(attn=args.attn)
@@ -60,12 +60,7 @@ def run(args, out_dir, progress: bool = True) -> int:
     preset = defaults(args.full)
     configs = acc.configs_for(pairs, args.keep, depths, reg, baselines=preset["baselines"])
     timing = questions[:preset["timing_batch"]]
-    side, processor.tokenizer.padding_side = processor.tokenizer.padding_side, "left"   # as generate() needs
-    try:
-        batch = processor(images=[_image(q) for q in timing], text=[_prompt(q) for q in timing],
-                          return_tensors="pt", padding=True)
-    finally:
-        processor.tokenizer.padding_side = side
+    batch = left_padded(processor, [_prompt(q) for q in timing], [_image(q) for q in timing])
     bar = progress_bar(len(configs), progress)
     rows = acc.run(model, processor, questions, configs, answer=lambda m, p, qs: answer(m, p, qs),
                    score=score, kinds=lambda q: q.kind, timing_batch=dict(batch), repeats=args.repeats,

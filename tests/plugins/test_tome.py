@@ -229,3 +229,52 @@ def test_spatial_order_is_a_different_method():
             if n_prefix and i == 0:
                 assert not torch.equal(a.origin, b.origin)
         assert _groups_from_onehot(a, feat) != _groups_from_onehot(b, feat)
+
+
+def _unit_set(S, n_units, u, n_prefix, kind, seed):
+    """S equal segments, each ``n_prefix`` CLS rows then ``n_units`` units of ``u`` consecutive rows."""
+    g = torch.Generator().manual_seed(seed)
+    seg, cls, unit = [], [], []
+    for s in range(S):
+        seg += [s] * (n_prefix + n_units * u)
+        cls += [True] * n_prefix + [False] * (n_units * u)
+        unit += [-1] * n_prefix + [s * n_units + k for k in range(n_units) for _ in range(u)]
+    n = len(seg)
+    from tokcomp.tokens import VisionTokens
+    tokens = VisionTokens(torch.randn(n, 8, generator=g), torch.tensor(seg), torch.zeros(n, 3, dtype=torch.long),
+                          torch.tensor(unit), torch.rand(n, generator=g) + 0.5, torch.arange(n), torch.tensor(cls))
+    keys = torch.randn(n, 8, generator=g) if kind == "random" else \
+        torch.ones(n, 8) + (torch.rand(n, 8, generator=g) < 0.1) * 0.5          # exact ties: flat image
+    return tokens, keys
+
+
+@pytest.mark.parametrize("S,n_units,u", [(1, 17, 1), (3, 8, 1), (1, 9, 4), (2, 6, 4)])
+@pytest.mark.parametrize("n_prefix", [0, 1, 2])
+@pytest.mark.parametrize("kind", ["random", "flat"])
+@pytest.mark.parametrize("order", ["tome", "spatial"])
+def test_dense_path_equals_general_path(S, n_units, u, n_prefix, kind, order):
+    """The dense fast path (equal segments) gives exactly the general path's unit match (pairs, survivors, ToMe
+    sequence), also on exact ties (flat image); several blocks are covered by the official comparison above."""
+    from tokcomp.plugins.tome import dense_unit_match, unit_bipartite_match
+    tokens, keys = _unit_set(S, n_units, u, n_prefix, kind, seed=S * 100 + n_units + n_prefix)
+    for r in (1, 3, n_units):
+        seq = torch.randperm(S * n_units, generator=torch.Generator().manual_seed(r)) if order == "tome" else None
+        got = dense_unit_match(tokens, keys, torch.full((S,), r), None if seq is None else seq.clone())
+        want = unit_bipartite_match(tokens, keys, torch.full((S,), r), None if seq is None else seq.clone())
+        assert got is not None
+        (gm, gr), (wm, wr) = got, want
+        assert torch.equal(gr, wr) and torch.equal(gm.src, wm.src) and torch.equal(gm.dst, wm.dst)
+        assert torch.equal(gm.keep, wm.keep)
+        if order == "tome":
+            assert torch.equal(gm.order, wm.order)
+
+
+def test_dense_path_declines_unequal_sets():
+    """Unequal segments or unequal per-segment r go to the general path (None)."""
+    from tokcomp.plugins.tome import dense_unit_match
+    layout, tokens = make_tokens(GRIDS, "qwen", seed=1)
+    keys = torch.randn(tokens.n, 8)
+    assert dense_unit_match(tokens, keys, torch.tensor([1, 1, 1, 1]), None) is None
+    tokens, keys = _unit_set(2, 6, 1, 1, "random", seed=0)
+    assert dense_unit_match(tokens, keys, torch.tensor([1, 2]), torch.arange(12)) is None
+    assert dense_unit_match(tokens, keys, torch.tensor([1, 1]), torch.arange(12)) is not None

@@ -30,6 +30,7 @@ from .select import stable_order, topk_per_segment
 
 __all__ = [
     "Match",
+    "bipartite_dense",
     "bipartite_soft_matching",
     "matching_per_segment",
     "merge_weighted",
@@ -156,6 +157,47 @@ def matching_per_segment(
     active = r_eff > 0
     order = _merged_order(keep, segment, is_b, protected, a_idx, best, active, n_seg)
     return Match(src, dst, keep, order)
+
+
+def bipartite_dense(items: Tensor, r: int, n_protected: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`matching_per_segment` for S segments of equal length, each already in sequence order: ToMe's own
+    dense computation (a few batched ops instead of per-token bookkeeping), with the same sets, picks, tie rules
+    and returned sequence.
+
+    Args:
+        items: [S, n, C] matching features, each segment's items in sequence order, its ``n_protected`` protected
+            items (CLS, registers) first; cosine in float32.
+        r: items to remove per segment, ``0 < r <= (n - n_protected) // 2`` (the caller clamps; every segment
+            removes exactly ``r``).
+        n_protected: P, protected items at positions ``0..P-1`` of every segment (never merged, never a
+            destination).
+    Returns:
+        ``(src [S, r], dst [S, r], seq [S, n - r])``: positions (within the segment) of the removed items and of
+        their destinations, in pick order (best similarity first); ``seq`` the positions of the surviving items in
+        the order ToMe's merge returns them: the protected items, then the unmerged A items (in input order if
+        ``P > 0``, as ToMe sorts them with a class token; else by best similarity, ties by input order), then
+        every B item in input order.
+    """
+    S, n, _ = items.shape
+    P = n_protected
+    dev = items.device
+    m = F.normalize(items.float(), dim=-1)
+    pa, pb = (P + 1) // 2, P // 2                                         # protected A rows / B columns
+    # the same products as matching_per_segment (unprotected A rows against every B slot, one matmul per
+    # segment), so exact ties (flat images) break the same way in both
+    a, b = m[:, 2 * pa::2].contiguous(), m[:, 1::2].contiguous()
+    scores = torch.stack([a[s] @ b[s].T for s in range(S)])             # [S, nA - pa, nB]
+    if pb:
+        scores[:, :, :pb] = float("-inf")
+    best, dst_b = scores.max(dim=-1)                                      # first maximum: lowest B position
+    best = torch.nan_to_num(best, nan=torch.finfo(torch.float32).min)    # NaN ranks last
+    edge = torch.sort(best, dim=1, descending=True, stable=True).indices  # ties: lower A position first
+    src_a = edge[:, :r]
+    src, dst = 2 * (src_a + pa), 2 * dst_b.gather(1, src_a) + 1
+    unm = edge[:, r:] if P == 0 else torch.sort(edge[:, r:], dim=1).values
+    head = torch.arange(P, device=dev).expand(S, P)
+    tail = (2 * torch.arange(pb, b.shape[1], device=dev) + 1).expand(S, -1)
+    return src, dst, torch.cat([head, 2 * (unm + pa), tail], 1)
 
 
 def _merged_order(keep: Tensor, segment: Tensor, is_b: Tensor, protected: Tensor, a_idx: Tensor,

@@ -26,6 +26,7 @@ is clipped to that (the report's achieved counts show it).
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
@@ -103,49 +104,76 @@ def unit_bipartite_match(tokens: VisionTokens, keys: Tensor, r_per_segment: Tens
     return Match(src, dst, keep, order), rows
 
 
-def dense_unit_match(tokens: VisionTokens, keys: Tensor, r_per_segment: Tensor,
-                     seq: Tensor | None = None) -> tuple[Match, Tensor] | None:
-    """:func:`unit_bipartite_match` through ToMe's dense computation (:func:`tokcomp.ops.matching.bipartite_dense`,
-    ~30 tensor ops instead of ~150) when every segment holds the same number of units and CLS rows and removes the
-    same ``r``, with segments in ascending order (one image, or a batch of equal images: the common case). Same
-    arguments and the same result; None when the token set does not qualify (then use the general function)."""
+@dataclass(eq=False)
+class DenseSequence:
+    """ToMe's sequence of every segment as token rows, for a token set of S segments that hold the same number of
+    units (and of CLS rows), segments in ascending order: one image, or a batch of equal images (the common case).
+
+    Attributes:
+        origin: the ``origin`` tensor of the token set described (identity: the set the last dense merge returned).
+        cls: LongTensor[S, P] rows of each segment's protected items (CLS, registers); P = 0 with order "spatial".
+        units: LongTensor[S, n_u, u] rows of each unit, units in sequence order, patches in unit order.
+    """
+
+    origin: Tensor
+    cls: Tensor
+    units: Tensor
+
+
+def dense_sequence(tokens: VisionTokens, seq: Tensor | None, n_segments: int) -> DenseSequence | None:
+    """The :class:`DenseSequence` of ``tokens`` (``seq``: each unit's sequence position by unit id, None for the
+    spatial order), or None when the segments are not equal (then :func:`unit_bipartite_match` serves)."""
     ids, rows = tokens.units()
-    U = int(ids.numel())
-    r_seg = r_per_segment.reshape(-1)
-    S = int(r_seg.numel())
-    if U == 0 or S == 0 or U % S or not bool((r_seg == r_seg[0]).all()):
+    U, S = int(ids.numel()), n_segments
+    if U == 0 or S == 0 or U % S:
         return None
     n_u = U // S
-    seg = tokens.segment[rows[:, 0]]
-    want = torch.arange(S, device=seg.device).repeat_interleave(n_u)
-    if not torch.equal(seg, want):
+    want = torch.arange(S, device=rows.device).repeat_interleave(n_u)
+    if not torch.equal(tokens.segment[rows[:, 0]], want):
         return None
-    cls_rows = tokens.cls.nonzero()[:, 0] if seq is not None else rows.new_empty(0)
-    P = int(cls_rows.numel()) // S
-    if P * S != cls_rows.numel() or (P and not torch.equal(tokens.segment[cls_rows], want[::n_u].repeat_interleave(P))):
-        return None
-    r = min(int(r_seg[0]), n_u // 2)
-    if r <= 0:
-        return None
+    cls = rows.new_empty(S, 0)
+    if seq is not None:
+        cls_rows = tokens.cls.nonzero()[:, 0]
+        P = int(cls_rows.numel()) // S
+        if P * S != cls_rows.numel() or not torch.equal(tokens.segment[cls_rows], want[::n_u].repeat_interleave(P)):
+            return None
+        cls = cls_rows.view(S, P)
+    units = rows.view(S, n_u, -1)
+    if seq is not None:
+        perm = torch.sort(seq.to(ids.device)[ids].view(S, n_u), dim=1, stable=True).indices
+        units = units.gather(1, perm[..., None].expand(-1, -1, units.shape[2]))
+    return DenseSequence(tokens.origin, cls, units)
+
+
+def dense_match_rows(keys: Tensor, d: DenseSequence, r: int, spatial: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """One block of ToMe's matching on a :class:`DenseSequence` through ToMe's dense computation
+    (:func:`tokcomp.ops.matching.bipartite_dense`): the same pairs as :func:`unit_bipartite_match`.
+
+    Args:
+        keys: [N, d] head-averaged keys; d: the token set's sequence; r: units removed per segment
+            (``1 <= r <= n_u // 2``); spatial: the next sequence keeps unit order (else ToMe's merge order).
+    Returns:
+        ``(src LongTensor[S*r*u] rows ascending, dst [S*r*u] the row each merges into (same patch slot),
+        units LongTensor[S, n_u - r, u] the surviving units' rows in the next block's sequence, old row numbers)``.
+    """
+    S, n_u, u = d.units.shape
+    P = d.cls.shape[1]
     dev = keys.device
-    metric = unit_features(keys, rows.to(dev), "mean").view(S, n_u, -1)   # [S, n_u, d]
-    if seq is None:
-        perm = torch.arange(n_u, device=dev).expand(S, -1)
-    else:
-        perm = torch.sort(seq.to(ids.device)[ids].view(S, n_u), dim=1, stable=True).indices.to(dev)
-        metric = metric.gather(1, perm[..., None].expand(-1, -1, metric.shape[-1]))
+    units = d.units.to(dev)
+    metric = keys[units].mean(2) if u > 1 else keys[units[..., 0]]      # unit_features' mean (exact for u = 1)
     if P:
-        metric = torch.cat([keys[cls_rows.to(dev)].to(metric.dtype).view(S, P, -1), metric], 1)
+        metric = torch.cat([keys[d.cls.to(dev)].to(metric.dtype), metric], 1)
     src, dst, seq_new = bipartite_dense(metric, r, P)                    # item positions per segment
-    base = (torch.arange(S, device=dev) * n_u)[:, None]
-    src_u = (base + perm.gather(1, src - P)).reshape(-1)                 # unit indices into rows
-    dst_u = (base + perm.gather(1, dst - P)).reshape(-1)
-    by_src = torch.argsort(src_u)
-    unit_pos = torch.full((S, n_u), -1, dtype=torch.long, device=dev)
-    unit_pos.scatter_(1, perm.gather(1, seq_new[:, P:] - P), torch.arange(P, P + n_u - r, device=dev).expand(S, -1))
-    unit_pos = unit_pos.reshape(-1)
-    keep = (unit_pos >= 0).nonzero()[:, 0]
-    return Match(src_u[by_src], dst_u[by_src], keep, unit_pos[keep]), rows
+    grow = (-1, -1, u)
+    src_rows = units.gather(1, (src - P)[..., None].expand(*grow)).reshape(-1)
+    dst_rows = units.gather(1, (dst - P)[..., None].expand(*grow)).reshape(-1)
+    by = torch.argsort(src_rows)
+    if spatial:
+        gone = torch.zeros(S, n_u, dtype=torch.bool, device=dev).scatter_(1, src - P, True)
+        nxt = units[~gone].view(S, n_u - r, u)
+    else:
+        nxt = units.gather(1, (seq_new[:, P:] - P)[..., None].expand(*grow))
+    return src_rows[by], dst_rows[by], nxt
 
 
 class ToMe(ViTCompressor):
@@ -212,18 +240,58 @@ class ToMe(ViTCompressor):
         return ctx.state[key]
 
     def _mid(self, tokens: VisionTokens, keys: Tensor, *, i: int, r: Tensor, ctx: VisionContext) -> VisionTokens:
+        out = self._mid_dense(tokens, keys, i, r, ctx)
+        return out if out is not None else self._mid_general(tokens, keys, i, r, ctx)
+
+    def _mid_general(self, tokens: VisionTokens, keys: Tensor, i: int, r: Tensor, ctx: VisionContext) -> VisionTokens:
+        """Any token set: per-segment matching with bookkeeping by unit id."""
         seq = self.sequence(ctx)
-        found = dense_unit_match(tokens, keys, r, seq)
-        match, rows = found if found is not None else unit_bipartite_match(tokens, keys, r.to(keys.device), seq)
+        match, rows = unit_bipartite_match(tokens, keys, r.to(keys.device), seq)
         if seq is not None:
             ids = tokens.unit[rows[match.keep.to(rows.device), 0]].to(seq.device)
             seq[ids] = match.order.to(seq.device)
+        ctx.state.pop(self._KEY + ".dense", None)
         if match.r == 0:
             return tokens
         rm = unit_match_rows(match, rows, tokens.n)
         x, size = self.merge(tokens.hidden, tokens.size, rm, i, ctx)
         ctx.state[self._KEY + ".merged"] = True
         return tokens.select(rm.keep).with_hidden(x, size=size)
+
+    def _mid_dense(self, tokens: VisionTokens, keys: Tensor, i: int, r: Tensor, ctx: VisionContext
+                   ) -> VisionTokens | None:
+        """Equal segments removing the same ``r``: the same result as :meth:`_mid_general` (pairs, merged states
+        bit for bit, sequence) from ToMe's dense computation, with the sequence kept as token rows between blocks
+        (a :class:`DenseSequence` in ``ctx.state``); None when the set does not qualify."""
+        rs = r.tolist()
+        if not rs or any(x != rs[0] for x in rs):
+            return None
+        seq = self.sequence(ctx)
+        d = ctx.state.get(self._KEY + ".dense")
+        if d is None or d.origin is not tokens.origin:
+            d = dense_sequence(tokens, seq, len(rs))
+            if d is None:
+                return None
+        S, n_u, _ = d.units.shape
+        k = min(rs[0], n_u // 2)
+        if k <= 0:
+            return None
+        src, dst, nxt = dense_match_rows(keys, d, k, seq is None)
+        meta = tokens.segment.device
+        removed = torch.zeros(tokens.n, dtype=torch.bool, device=meta)
+        removed[src.to(meta)] = True
+        keep = (~removed).nonzero()[:, 0]
+        renumber = torch.cumsum(~removed, 0) - 1
+        x, size = self.merge(tokens.hidden, tokens.size, Match(src, dst, keep.to(src.device)), i, ctx)
+        out = tokens.select(keep).with_hidden(x, size=size)
+        units = renumber[nxt.to(meta)]
+        ctx.state[self._KEY + ".dense"] = DenseSequence(out.origin, renumber[d.cls.to(meta)], units)
+        ctx.state[self._KEY + ".merged"] = True
+        if seq is not None:
+            P = d.cls.shape[1]
+            seq[out.unit[units[:, :, 0]].reshape(-1).to(seq.device)] = \
+                torch.arange(P, P + n_u - k, device=seq.device).repeat(S)
+        return out
 
     def merge(self, x: Tensor, size: Tensor, match: Match, i: int, ctx: VisionContext) -> tuple[Tensor, Tensor]:
         """Merge rule of block ``i`` on token rows: ToMe's size-weighted average ([N, C], [N] -> kept rows)."""

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tokcomp.errors import ConfigError
+from tokcomp.plugins.tofu import ToFu
 from tokcomp.plugins.tome import ToMe
 from tokcomp.tokens import VisionContext
 from vision_fakes import FakeTower, assert_whole_units, make_tokens
@@ -248,33 +249,39 @@ def _unit_set(S, n_units, u, n_prefix, kind, seed):
     return tokens, keys
 
 
-@pytest.mark.parametrize("S,n_units,u", [(1, 17, 1), (3, 8, 1), (1, 9, 4), (2, 6, 4)])
+@pytest.mark.parametrize("S,n_units,u", [(1, 37, 1), (3, 20, 1), (1, 21, 4), (2, 14, 4)])
 @pytest.mark.parametrize("n_prefix", [0, 1, 2])
 @pytest.mark.parametrize("kind", ["random", "flat"])
 @pytest.mark.parametrize("order", ["tome", "spatial"])
-def test_dense_path_equals_general_path(S, n_units, u, n_prefix, kind, order):
-    """The dense fast path (equal segments) gives exactly the general path's unit match (pairs, survivors, ToMe
-    sequence), also on exact ties (flat image); several blocks are covered by the official comparison above."""
-    from tokcomp.plugins.tome import dense_unit_match, unit_bipartite_match
-    tokens, keys = _unit_set(S, n_units, u, n_prefix, kind, seed=S * 100 + n_units + n_prefix)
-    for r in (1, 3, n_units):
-        seq = torch.randperm(S * n_units, generator=torch.Generator().manual_seed(r)) if order == "tome" else None
-        got = dense_unit_match(tokens, keys, torch.full((S,), r), None if seq is None else seq.clone())
-        want = unit_bipartite_match(tokens, keys, torch.full((S,), r), None if seq is None else seq.clone())
-        assert got is not None
-        (gm, gr), (wm, wr) = got, want
-        assert torch.equal(gr, wr) and torch.equal(gm.src, wm.src) and torch.equal(gm.dst, wm.dst)
-        assert torch.equal(gm.keep, wm.keep)
+@pytest.mark.parametrize("cls", [ToMe, ToFu])
+def test_dense_path_equals_general_path(S, n_units, u, n_prefix, kind, order, cls):
+    """The dense fast path (equal segments) gives bit for bit what the general path gives, block after block
+    (pairs, merged states and sizes, ToMe's sequence), also on exact ties (flat image)."""
+    tokens, keys0 = _unit_set(S, n_units, u, n_prefix, kind, seed=S * 100 + n_units + n_prefix)
+    fast, slow = cls(keep_ratio=0.5, order=order), cls(keep_ratio=0.5, order=order)
+    ctx_f, ctx_s = VisionContext(None, 6, ""), VisionContext(None, 6, "")   # _mid reads no layout (seq given)
+    for c in (ctx_f, ctx_s):
+        c.state["tome.seq"] = c.state["tofu.seq"] = torch.arange(S * n_units)
+    a = b = tokens
+    w = torch.randn(8, 8, generator=torch.Generator().manual_seed(7))
+    for i, r in enumerate([1, 3, 2, 5, 1, 2]):
+        keys = keys0[:a.n] if kind == "flat" else a.hidden @ w
+        a = fast._mid(a, keys, i=i, r=torch.full((S,), r), ctx=ctx_f)
+        b = slow._mid_general(b, keys, i, torch.full((S,), r), ctx_s)
+        assert ctx_f.state.get(fast._KEY + ".dense") is not None, "the dense path served"
+        assert torch.equal(a.origin, b.origin) and torch.equal(a.unit, b.unit)
+        assert torch.equal(a.hidden, b.hidden) and torch.equal(a.size, b.size)
         if order == "tome":
-            assert torch.equal(gm.order, wm.order)
+            assert torch.equal(ctx_f.state[fast._KEY + ".seq"], ctx_s.state[slow._KEY + ".seq"])
 
 
 def test_dense_path_declines_unequal_sets():
-    """Unequal segments or unequal per-segment r go to the general path (None)."""
-    from tokcomp.plugins.tome import dense_unit_match
+    """Unequal segments or unequal per-segment r go to the general path."""
+    from tokcomp.plugins.tome import dense_sequence
     layout, tokens = make_tokens(GRIDS, "qwen", seed=1)
-    keys = torch.randn(tokens.n, 8)
-    assert dense_unit_match(tokens, keys, torch.tensor([1, 1, 1, 1]), None) is None
+    assert dense_sequence(tokens, None, 4) is None
     tokens, keys = _unit_set(2, 6, 1, 1, "random", seed=0)
-    assert dense_unit_match(tokens, keys, torch.tensor([1, 2]), torch.arange(12)) is None
-    assert dense_unit_match(tokens, keys, torch.tensor([1, 1]), torch.arange(12)) is not None
+    assert dense_sequence(tokens, torch.arange(12), 2) is not None
+    ctx = VisionContext(layout, 4, "")
+    assert ToMe()._mid_dense(tokens, keys, 0, torch.tensor([1, 2]), ctx) is None
+    assert ToMe()._mid_dense(tokens, keys, 0, torch.tensor([1, 1]), ctx) is not None

@@ -104,6 +104,11 @@ def unit_bipartite_match(tokens: VisionTokens, keys: Tensor, r_per_segment: Tens
     return Match(src, dst, keep, order), rows
 
 
+#: the dense path's score matrices ([S, n/2, n/2] float32) stay below this many entries (128 MiB, one chunk of the
+#: general path at 8k B tokens); larger sets (a 16k-patch ViT image) take the chunked general path
+DENSE_MAX_SCORES = 1 << 25
+
+
 @dataclass(eq=False)
 class DenseSequence:
     """ToMe's sequence of every segment as token rows, for a token set of S segments that hold the same number of
@@ -274,8 +279,9 @@ class ToMe(ViTCompressor):
                 return None
         S, n_u, _ = d.units.shape
         k = min(rs[0], n_u // 2)
-        if k <= 0:
-            return None
+        half = (n_u + d.cls.shape[1] + 1) // 2
+        if k <= 0 or S * half * half > DENSE_MAX_SCORES:
+            return None                                 # the general path compares in chunks
         src, dst, nxt = dense_match_rows(keys, d, k, seq is None)
         meta = tokens.segment.device
         removed = torch.zeros(tokens.n, dtype=torch.bool, device=meta)

@@ -285,3 +285,16 @@ def test_dense_path_declines_unequal_sets():
     ctx = VisionContext(layout, 4, "")
     assert ToMe()._mid_dense(tokens, keys, 0, torch.tensor([1, 2]), ctx) is None
     assert ToMe()._mid_dense(tokens, keys, 0, torch.tensor([1, 1]), ctx) is not None
+
+
+def test_dense_path_bounded_memory(monkeypatch):
+    """Above DENSE_MAX_SCORES score entries the chunked general path serves (same result)."""
+    import tokcomp.plugins.tome as tome
+    tokens, keys = _unit_set(1, 40, 1, 1, "random", seed=3)
+    ctx = VisionContext(None, 4, "")
+    ctx.state["tome.seq"] = torch.arange(40)
+    assert ToMe()._mid_dense(tokens, keys, 0, torch.tensor([3]), ctx) is not None
+    monkeypatch.setattr(tome, "DENSE_MAX_SCORES", 20 * 20 - 1)
+    ctx.state.clear()
+    ctx.state["tome.seq"] = torch.arange(40)
+    assert ToMe()._mid_dense(tokens, keys, 0, torch.tensor([3]), ctx) is None

@@ -5,6 +5,7 @@
     .venv/bin/python benchmarks/performance.py selection  [--sizes 1024,4096,16384]
     .venv/bin/python benchmarks/performance.py vision-table [--shape qwen2-vl-2b|llava-small]  (tower time vs FLOPs)
     .venv/bin/python benchmarks/performance.py llm-table    [--shape qwen2-vl-2b|llava-small]  (LLM prefill vs FLOPs)
+    .venv/bin/python benchmarks/performance.py merge-ceiling [--shape llava-small]  (ToMe vs its schedule, merging free)
 
 overhead:  a session at keep 1.0 against no session (prefill = generate(max_new_tokens=1)), on a bench-shaped model.
 speedup:   realised prefill speedup against the FLOPs-model speedup for ipcv+dart (0.35/0.35), fastv and dart alone,
@@ -210,6 +211,65 @@ def vision_table(args):
                   flush=True)
 
 
+def _drop_last_units(strategy, tokens, keys, *, i, r, ctx):
+    """A stand-in for ToMe's ``mid``: each segment drops its last ``r[s]`` units (no matching, no merge)."""
+    ids, rows = tokens.units()
+    seg = tokens.segment[rows[:, 0]]
+    counts = torch.bincount(seg, minlength=r.numel())
+    rank = torch.arange(seg.numel()) - (torch.cumsum(counts, 0) - counts)[seg]
+    gone = rows[rank >= counts[seg] - r.to(seg.device)[seg]].reshape(-1)
+    keep = torch.ones(tokens.n, dtype=torch.bool)
+    keep[gone] = False
+    ctx.state[strategy._KEY + ".merged"] = True
+    return tokens.select(keep)
+
+
+def merge_ceiling(args):
+    """ToMe's tower time next to the same schedule with matching and merging made free (each merging block drops its
+    last r units instead, same counts, proportional attention on): the time any implementation of ToMe's per-block
+    merging can reach on this tower, hence the best realised/predicted saving it can show."""
+    import contextlib
+    import functools
+
+    import tokcomp
+    from tokcomp.metrics.cost import vision_cost
+    from tokcomp.testing import make_inputs
+    vlm, image = _shape(args.shape, args.dtype, llm=False)
+    model = vlm.model
+    inputs = make_inputs(vlm, [image])
+    dt = getattr(torch, args.dtype)
+    kw = {k: (v.to(dt) if k == "pixel_values" else v) for k, v in inputs.items()
+          if k in ("pixel_values", "image_grid_thw")}
+
+    def tower(m):
+        with torch.inference_mode():
+            m.model.get_image_features(**kw)
+    ref = copy.deepcopy(model)
+    with tokcomp.compress(model, "none") as s:
+        tower(model)
+    vd, depth = s.adapter.dims()[0], s.adapter.depths()["vision"]
+    base_f = vision_cost(vd, s.report.vision[-1], depth)
+    pairs = args.pairs or (30 if args.shape == "llava-small" else 7)
+
+    @contextlib.contextmanager
+    def free(spec):
+        with tokcomp.compress(model, vision=spec) as sess:
+            sess.vision._mid = functools.partial(_drop_last_units, sess.vision)
+            yield sess
+    print(f"{args.shape}: {pairs} alternating call pairs per row, threads {torch.get_num_threads()}")
+    print("| method | keep | tower time ratio (median pair) | pair ratios IQR | FLOPs-model ratio | realised / predicted "
+          "saving |")
+    print("|---|---|---|---|---|---|")
+    for k in [float(x) for x in args.keep.split(",")]:
+        spec = f"tome(keep_ratio={k})"
+        for label, factory in (("`tome`", lambda: tokcomp.compress(model, vision=spec)),
+                               ("same schedule, merging free", lambda: free(spec))):
+            ratio, (q1, q3), _, sess = _paired(tower, model, ref, pairs, factory)
+            f = vision_cost(vd, sess.report.vision[-1], depth) / base_f
+            print(f"| {label} | {k:g} | {ratio:.3f} | {q1:.3f}-{q3:.3f} | {f:.3f} | {(1 - ratio) / (1 - f):.0%} |",
+                  flush=True)
+
+
 def llm_table(args):
     """LLM prefill time relative to the unmodified model (interleaved), next to the FLOPs-model ratio (vision
     features computed once and passed in, so only the language model is timed)."""
@@ -294,6 +354,12 @@ def main(argv=None):
     s.add_argument("--pairs", type=int, default=5,
                    help="alternating (unmodified copy, compressed) call pairs per row")
     s.set_defaults(fn=llm_table)
+    s = sub.add_parser("merge-ceiling")
+    s.add_argument("--shape", default="llava-small", help="llava-small or qwen2-vl-2b")
+    s.add_argument("--dtype", default="float32")
+    s.add_argument("--keep", default="0.35,0.2")
+    s.add_argument("--pairs", type=int, default=None)
+    s.set_defaults(fn=merge_ceiling)
     s = sub.add_parser("selection")
     s.add_argument("--sizes", default="1024,4096,16384")
     s.add_argument("--width", type=int, default=1280)

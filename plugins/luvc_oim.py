@@ -187,7 +187,7 @@ class LuvcOIM(ViTCompressor):
         unit_m = Match(sub[m.src], sub[m.dst], m.keep)
         rm = unit_match_rows(unit_m, rows, tokens.n)
         x, size = merge_weighted(tokens.hidden, tokens.size, rm)
-        return tokens.select(rm.keep).with_hidden(x, size=size)
+        return tokens.select(rm.keep, hidden=x).with_hidden(x, size=size)
 
 
 @hookimpl

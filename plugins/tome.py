@@ -261,7 +261,7 @@ class ToMe(ViTCompressor):
         rm = unit_match_rows(match, rows, tokens.n)
         x, size = self.merge(tokens.hidden, tokens.size, rm, i, ctx)
         ctx.state[self._KEY + ".merged"] = True
-        return tokens.select(rm.keep).with_hidden(x, size=size)
+        return tokens.select(rm.keep, hidden=x).with_hidden(x, size=size)
 
     def _mid_dense(self, tokens: VisionTokens, keys: Tensor, i: int, r: Tensor, ctx: VisionContext
                    ) -> VisionTokens | None:
@@ -289,7 +289,7 @@ class ToMe(ViTCompressor):
         keep = (~removed).nonzero()[:, 0]
         renumber = torch.cumsum(~removed, 0) - 1
         x, size = self.merge(tokens.hidden, tokens.size, Match(src, dst, keep.to(src.device)), i, ctx)
-        out = tokens.select(keep).with_hidden(x, size=size)
+        out = tokens.select(keep, hidden=x).with_hidden(x, size=size)
         units = renumber[nxt.to(meta)]
         ctx.state[self._KEY + ".dense"] = DenseSequence(out.origin, renumber[d.cls.to(meta)], units)
         ctx.state[self._KEY + ".merged"] = True

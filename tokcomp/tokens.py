@@ -76,15 +76,18 @@ class VisionTokens:
     def n(self) -> int:
         return int(self.hidden.shape[0])
 
-    def select(self, idx: Tensor) -> "VisionTokens":
-        """Rows ``idx`` (LongTensor[K] or BoolTensor[N]) of every field, in the given order."""
+    def select(self, idx: Tensor, hidden: Tensor | None = None) -> "VisionTokens":
+        """Rows ``idx`` (LongTensor[K] or BoolTensor[N]) of every field, in the given order; ``hidden``
+        (Tensor[K, C]) replaces the selected rows' hidden states without gathering the old ones (a merge's output)."""
         if idx.dtype == torch.bool:
             idx = idx.nonzero()[:, 0]
         idx = idx.to(self.hidden.device)
         rope = None if self.rope is None else (self.rope[0][idx], self.rope[1][idx])
         meta = idx.to(self.segment.device)
-        return VisionTokens(self.hidden[idx], self.segment[meta], self.pos[meta], self.unit[meta],
-                            self.size[meta], self.origin[meta], self.cls[meta], rope)
+        if hidden is not None and hidden.shape[0] != idx.shape[0]:
+            raise ValueError(f"VisionTokens.select: hidden has {hidden.shape[0]} rows for {idx.shape[0]} selected")
+        return VisionTokens(self.hidden[idx] if hidden is None else hidden, self.segment[meta], self.pos[meta],
+                            self.unit[meta], self.size[meta], self.origin[meta], self.cls[meta], rope)
 
     def with_hidden(self, hidden: Tensor, **changes: Any) -> "VisionTokens":
         """Same tokens with new hidden states (Tensor[N, C]) and optionally other fields replaced."""

@@ -359,3 +359,21 @@ def test_schedule_drives_matching_to_target():
         x, size = merge_weighted(x, size, m)
         protected = protected[m.keep]
     assert x.shape[0] == 61 and float(size.sum()) == 197.0 and bool(protected[0])
+
+
+@pytest.mark.parametrize("fn", [merge_weighted, merge_mlerp])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merges_touch_only_destinations(fn, dtype):
+    """Rows that receive nothing come back bit-identical in x.dtype, several sources may share one destination,
+    and r = 0 returns the input rows unchanged."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(12, 6, generator=g).to(dtype)
+    size = torch.rand(12, generator=g) + 0.5
+    m = Match(torch.tensor([1, 4, 7]), torch.tensor([9, 9, 0]), torch.tensor([0, 2, 3, 5, 6, 8, 9, 10, 11]))
+    out, s = fn(x, size, m)
+    untouched = [k for k, row in enumerate(m.keep.tolist()) if row not in (0, 9)]
+    assert torch.equal(out[untouched], x[m.keep][untouched])
+    torch.testing.assert_close(s[m.keep.tolist().index(9)], size[[9, 1, 4]].sum())
+    e = torch.empty(0, dtype=torch.long)
+    out0, s0 = fn(x, size, Match(e, e, torch.arange(12)))
+    assert torch.equal(out0, x) and torch.equal(s0, size)

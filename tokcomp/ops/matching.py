@@ -243,14 +243,24 @@ def bipartite_soft_matching(metric: Tensor, r: int, *, protected: Tensor | None 
     return matching_per_segment(metric, seg, torch.tensor([int(r)], device=metric.device), protected)
 
 
-def _merged_sums(x: Tensor, size: Tensor, match: Match) -> tuple[Tensor, Tensor, Tensor]:
-    """float32 size-weighted sums into dst: (sum s*x [N,C], sum s [N], is_dst BoolTensor[N])."""
-    xf, sf = x.float(), size.float()
-    num = (xf * sf[:, None]).index_add(0, match.dst, xf[match.src] * sf[match.src, None])
-    den = sf.index_add(0, match.dst, sf[match.src])
-    is_dst = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-    is_dst[match.dst] = True
-    return num, den, is_dst
+def _dst_sums(x: Tensor, size: Tensor, match: Match) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """float32 size-weighted sums over each destination and its sources, computed on those rows only.
+
+    Returns ``(dsts LongTensor[D] the distinct destination rows ascending, num [D, C] = s_d x_d + sum s_src x_src,
+    den [D] = s_d + sum s_src, den_all [N] every row's summed size)``; the sums run in the same order as an
+    ``index_add`` over the whole set (destination first, then sources in ``match.src`` order)."""
+    sf = size.float()
+    dsts, slot = torch.unique(match.dst, return_inverse=True)
+    num = (x[dsts].float() * sf[dsts, None]).index_add_(0, slot, x[match.src].float() * sf[match.src, None])
+    den_all = sf.index_add(0, match.dst, sf[match.src])
+    return dsts, num, den_all[dsts], den_all
+
+
+def _place(x: Tensor, match: Match, dsts: Tensor, rows: Tensor) -> Tensor:
+    """``x[match.keep]`` with the destination rows ``dsts`` replaced by ``rows`` (float32, cast to x.dtype)."""
+    out = x[match.keep]
+    out[torch.searchsorted(match.keep, dsts)] = rows.to(x.dtype)
+    return out
 
 
 def merge_weighted(x: Tensor, size: Tensor, match: Match) -> tuple[Tensor, Tensor]:
@@ -261,11 +271,13 @@ def merge_weighted(x: Tensor, size: Tensor, match: Match) -> tuple[Tensor, Tenso
             in float32, bf16 cannot count past 256 exactly).
     Returns:
         ([N - r, C] in x.dtype, [N - r] in size.dtype), rows in ``match.keep`` order.
-        Tokens that receive nothing are returned bit-identical. Accumulation in float32.
+        Tokens that receive nothing are returned bit-identical. Accumulation in float32, on the merged rows only
+        (one gather of the survivors; no full-width float32 copy of the set).
     """
-    num, den, is_dst = _merged_sums(x, size, match)
-    out = torch.where(is_dst[:, None], num / den[:, None], x.float())
-    return out[match.keep].to(x.dtype), den[match.keep].to(size.dtype)
+    if match.r == 0:
+        return x[match.keep], size[match.keep]
+    dsts, num, den, den_all = _dst_sums(x, size, match)
+    return _place(x, match, dsts, num / den[:, None]), den_all[match.keep].to(size.dtype)
 
 
 def merge_mlerp(x: Tensor, size: Tensor, match: Match) -> tuple[Tensor, Tensor]:
@@ -277,14 +289,16 @@ def merge_mlerp(x: Tensor, size: Tensor, match: Match) -> tuple[Tensor, Tensor]:
 
     Args/returns as :func:`merge_weighted` ([N - r, C], [N - r] in ``match.keep`` order).
     """
-    num, den, is_dst = _merged_sums(x, size, match)
+    if match.r == 0:
+        return x[match.keep], size[match.keep]
+    dsts, num, den, den_all = _dst_sums(x, size, match)
     mean = num / den[:, None]
-    norms = x.float().norm(dim=1)
-    max_norm = norms.scatter_reduce(0, match.dst, norms[match.src], reduce="amax", include_self=True)
+    slot = torch.searchsorted(dsts, match.dst)
+    max_norm = x[dsts].float().norm(dim=1).scatter_reduce(0, slot, x[match.src].float().norm(dim=1), reduce="amax",
+                                                          include_self=True)
     mean_norm = mean.norm(dim=1)
     scale = torch.where(mean_norm > 0, max_norm / mean_norm.clamp_min(torch.finfo(torch.float32).tiny), 1.0)
-    out = torch.where(is_dst[:, None], mean * scale[:, None], x.float())
-    return out[match.keep].to(x.dtype), den[match.keep].to(size.dtype)
+    return _place(x, match, dsts, mean * scale[:, None]), den_all[match.keep].to(size.dtype)
 
 
 def prune_matched(x: Tensor, size: Tensor, match: Match) -> tuple[Tensor, Tensor]:

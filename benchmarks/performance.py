@@ -268,6 +268,40 @@ def merge_ceiling(args):
             f = vision_cost(vd, sess.report.vision[-1], depth) / base_f
             print(f"| {label} | {k:g} | {ratio:.3f} | {q1:.3f}-{q3:.3f} | {f:.3f} | {(1 - ratio) / (1 - f):.0%} |",
                   flush=True)
+        if args.shape == "llava-small":                 # plain ViT layers: timeable alone, without tokcomp
+            rec = sess.report.vision[-1]
+            post = [rec.vision_blocks[i] for i in range(depth)]
+            pre = [rec.vision_in] + post[:-1]
+            for label, counts in (("model's own layers only, at the post-merge counts", post),
+                                  ("model's own layers only, at the pre-merge counts", pre)):
+                ratio, (q1, q3) = _layers_ratio(ref, counts, rec.vision_in, pairs)
+                print(f"| {label} | {k:g} | {ratio:.3f} | {q1:.3f}-{q3:.3f} | | |", flush=True)
+
+
+def _layers_ratio(vlm, counts, n, pairs):
+    """(median, IQR) of the time of a plain ViT's own layers on ``counts[i]`` tokens at layer ``i`` against all
+    layers on ``n`` tokens, alternating call by call (no tokcomp involved)."""
+    from time import perf_counter
+    layers = vlm.model.vision_tower.encoder.layer
+    x = torch.randn(1, n, vlm.config.vision_config.hidden_size, dtype=next(vlm.parameters()).dtype)
+
+    def run(cs):
+        with torch.inference_mode():
+            for layer, c in zip(layers, cs):
+                out = layer(x[:, :c])
+                _ = out[0] if isinstance(out, tuple) else out
+    full = [n] * len(counts)
+    run(full)
+    run(counts)
+    ratios = []
+    for _ in range(pairs):
+        t0 = perf_counter()
+        run(full)
+        t1 = perf_counter()
+        run(counts)
+        ratios.append((perf_counter() - t1) / (t1 - t0))
+    q = statistics.quantiles(ratios, n=4)
+    return statistics.median(ratios), (q[0], q[2])
 
 
 def llm_table(args):

@@ -175,8 +175,9 @@ def _paired(call, model, ref, pairs: int, session) -> tuple[float, tuple[float, 
     return statistics.median(ratios), (q[0], q[2]), statistics.median(bases), s
 
 
-def vision_table(args):
-    """Vision-tower time relative to the unmodified tower (interleaved), next to the FLOPs-model ratio."""
+def _tower_bench(args):
+    """The tower to time for ``args.shape`` / ``args.dtype``: ``(model, unmodified deep copy, tower(m) -> None, FLOPs
+    of the unmodified tower, vision dims, depth, pairs, the unmodified record)``."""
     import tokcomp
     from tokcomp.metrics.cost import vision_cost
     from tokcomp.testing import make_inputs
@@ -196,7 +197,15 @@ def vision_table(args):
     vd, depth = s.adapter.dims()[0], s.adapter.depths()["vision"]
     base_f = vision_cost(vd, s.report.vision[-1], depth)
     pairs = args.pairs or (30 if args.shape == "llava-small" else 7)
-    print(f"{args.shape}: {s.report.vision[-1].vision_in} patches, dtype {args.dtype}, threads "
+    return model, ref, tower, base_f, vd, depth, pairs, s.report.vision[-1]
+
+
+def vision_table(args):
+    """Vision-tower time relative to the unmodified tower (interleaved), next to the FLOPs-model ratio."""
+    import tokcomp
+    from tokcomp.metrics.cost import vision_cost
+    model, ref, tower, base_f, vd, depth, pairs, rec0 = _tower_bench(args)
+    print(f"{args.shape}: {rec0.vision_in} patches, dtype {args.dtype}, threads "
           f"{torch.get_num_threads()}, {pairs} alternating (unmodified, compressed) call pairs per row")
     print("| method | keep | unmodified tower s | tower time ratio (median pair) | pair ratios IQR | FLOPs-model ratio "
           "| realised / predicted saving |")
@@ -233,23 +242,7 @@ def merge_ceiling(args):
 
     import tokcomp
     from tokcomp.metrics.cost import vision_cost
-    from tokcomp.testing import make_inputs
-    vlm, image = _shape(args.shape, args.dtype, llm=False)
-    model = vlm.model
-    inputs = make_inputs(vlm, [image])
-    dt = getattr(torch, args.dtype)
-    kw = {k: (v.to(dt) if k == "pixel_values" else v) for k, v in inputs.items()
-          if k in ("pixel_values", "image_grid_thw")}
-
-    def tower(m):
-        with torch.inference_mode():
-            m.model.get_image_features(**kw)
-    ref = copy.deepcopy(model)
-    with tokcomp.compress(model, "none") as s:
-        tower(model)
-    vd, depth = s.adapter.dims()[0], s.adapter.depths()["vision"]
-    base_f = vision_cost(vd, s.report.vision[-1], depth)
-    pairs = args.pairs or (30 if args.shape == "llava-small" else 7)
+    model, ref, tower, base_f, vd, depth, pairs, rec0 = _tower_bench(args)
 
     @contextlib.contextmanager
     def free(spec):

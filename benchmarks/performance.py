@@ -22,6 +22,7 @@ import statistics
 import torch
 
 from tokcomp.metrics.timers import median_time
+from tokcomp.spec import with_budget
 
 
 def _model(name, dtype, pixels=None, side=None):
@@ -99,7 +100,12 @@ def speedup(args):
 
 
 def selection(args):
-    from tokcomp.ops import dpc_knn, knn, matching_per_segment, neighbor_guided_reconstruction
+    from tokcomp.ops import (
+        dpc_knn,
+        knn,
+        matching_per_segment,
+        neighbor_guided_reconstruction,
+    )
     C = args.width
     print("| tokens | IPCV kNN+NGR (keep 0.35), s | ToMe matching (r = N/4), s | SparseVLM DPC (30% of 65% dropped), s |")
     print("|---|---|---|---|")
@@ -146,11 +152,6 @@ def _shape(name: str, dtype: str, llm: bool):
         over = dict(LLAVA_SMALL, **({} if llm else {"text_layers": 1}))
         return build_model("tiny-llava", dtype=dt, **over), procedural_image(224, 224, seed=0)
     raise SystemExit(f"unknown --shape {name!r}; use qwen2-vl-2b or llava-small")
-
-
-def _with_keep(name: str, k: float) -> str:
-    """``"dart_vit(layer=2)"`` + 0.35 -> ``"dart_vit(layer=2,keep_ratio=0.35)"``; bare names get ``(keep_ratio=k)``."""
-    return f"{name[:-1]},keep_ratio={k})" if name.endswith(")") else f"{name}(keep_ratio={k})"
 
 
 def _paired(call, model, ref, pairs: int, session) -> tuple[float, tuple[float, float], float, object]:
@@ -212,7 +213,7 @@ def vision_table(args):
     print("|---|---|---|---|---|---|---|")
     for name in args.methods.split(";"):
         for k in [float(x) for x in args.keep.split(",")]:
-            spec = _with_keep(name, k)
+            spec = with_budget(name, keep_ratio=k)
             ratio, (q1, q3), base, s = _paired(tower, model, ref, pairs, lambda: tokcomp.compress(model, vision=spec))
             f = vision_cost(vd, s.report.vision[-1], depth) / base_f
             saving = (1 - ratio) / (1 - f) if f < 1 else float("nan")

@@ -93,14 +93,14 @@ def matched_baseline(spec: str, depths: dict[str, int], registry=None) -> str | 
 
 def configs_for(methods: Sequence[str], keeps: Sequence[float], depths: dict[str, int], registry=None,
                 baselines: bool = True) -> list[Config]:
-    """The unmodified model, then each method spec part (``"tome"``, ``"none+fastv"``, ``"ipcv+dart"``) at each
-    budget, each single-stage method followed by its matched baseline (once per budget and pruning point)."""
-    from tokcomp.spec import parse_spec
+    """The unmodified model, then each method spec part (``"tome"``, ``"none+fastv"``, ``"ipcv+dart"``,
+    ``"ipcv(stabilize_layers=3)"``: the keep ratio is added to a part's own arguments) at each budget, each single-stage method followed by its matched baseline (once per budget and pruning point)."""
+    from tokcomp.spec import parse_spec, split_top, with_budget
     out, seen = [Config("unmodified", None)], set()
     for m in methods:
-        names = [n.strip() for n in m.split("+")]
+        names = [n.strip() for n in split_top(m, "+")]
         for k in keeps:
-            spec = "+".join("none" if n == "none" else f"{n}(keep_ratio={k})" for n in names)
+            spec = "+".join(with_budget(n, keep_ratio=k) for n in names)
             pair = parse_spec(spec, registry)                       # names and configs, before any model work
             if len(names) == 1:
                 spec = spec + "+none" if pair.vision is not None else "none+" + spec

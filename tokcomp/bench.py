@@ -56,15 +56,16 @@ class Row:
 
 
 def specs_for(pairs: str, keeps: list[float], registry) -> list[tuple[str, float | None, str | None]]:
-    """``[(pair, keep, spec or None)]``: ``"ipcv+dart,tome,none"`` × keeps; ``none`` appears once (keep None)."""
-    from tokcomp.spec import parse_spec
+    """``[(pair, keep, spec or None)]``: ``"ipcv+dart,tome,none"`` × keeps; ``none`` appears once (keep None). A part
+    may carry its own arguments (``"ipcv(stabilize_layers=3)+dart"``): the keep ratio is added to them."""
+    from tokcomp.spec import parse_spec, split_top, with_budget
     out = [("none", None, None)]
-    for pair in [p.strip() for p in pairs.split(",") if p.strip()]:
+    for pair in [p.strip() for p in split_top(pairs, ",") if p.strip()]:
         if pair == "none":
             continue
-        names = [n.strip() for n in pair.split("+")]
+        names = [n.strip() for n in split_top(pair, "+")]
         for k in keeps:
-            spec = "+".join("none" if n == "none" else f"{n}(keep_ratio={k})" for n in names)
+            spec = "+".join(with_budget(n, keep_ratio=k) for n in names)
             parse_spec(spec, registry)  # validate names / stages before any model work
             out.append((pair, k, spec))
     return out

@@ -46,11 +46,12 @@ def run(args, out_dir, progress: bool = True) -> int:
     from tokcomp import accuracy as acc
     from tokcomp.bench import exit_status, progress_bar
     from tokcomp.registry import default_registry
+    from tokcomp.spec import split_top
     from tokcomp.tinyllava import build_tiny_llava, heldout_questions
     from tokcomp.tinyllava.data import KINDS
     from tokcomp.tinyllava.evaluate import answer, left_padded, score
     reg = default_registry()
-    pairs = args.pairs.split(",") if args.pairs else methods(args.full, reg)
+    pairs = split_top(args.pairs, ",") if args.pairs else methods(args.full, reg)
     model, processor = build_tiny_llava(attn=args.attn)
     depths = {"vision": len(model.model.vision_tower.encoder.layer),
               "llm": model.config.get_text_config().num_hidden_layers}

@@ -250,12 +250,14 @@ def _bench_real(args) -> int:
     """The accuracy benchmark on the real-weights tiny LLaVA (:mod:`tokcomp.bench_accuracy`)."""
     from tokcomp import accuracy as acc
     from tokcomp.registry import default_registry
+    from tokcomp.spec import split_top
     preset = bench_accuracy.defaults(args.full)
     args.keep = args.keep if args.keep is not None else preset["keep"]
     args.questions = args.questions if args.questions is not None else preset["questions"]
     if args.pairs is None:
         args.pairs = preset["pairs"]
-    pairs = args.pairs.split(",") if args.pairs is not None else bench_accuracy.methods(args.full, default_registry())
+    pairs = split_top(args.pairs, ",") if args.pairs is not None else bench_accuracy.methods(args.full,
+                                                                                          default_registry())
     pairs = [p.strip() for p in pairs if p.strip()]
     if not pairs:
         raise UsageError(f"--pairs {args.pairs!r} names no configuration to compare with the unmodified model; e.g. "

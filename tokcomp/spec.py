@@ -67,7 +67,7 @@ def format_value(v: Any) -> str:
     return repr(v)
 
 
-def _split_top(text: str, sep: str) -> list[str]:
+def split_top(text: str, sep: str) -> list[str]:
     """Split on ``sep`` outside brackets/parentheses/quotes; raise SpecError on unbalanced input."""
     out, depth, cur, quote = [], 0, [], None
     for ch in text:
@@ -106,7 +106,7 @@ def _parse_value(raw: str, where: str) -> Any:
         if not s.endswith("]"):
             raise SpecError(f"malformed list value {raw!r} in {where}")
         inner = s[1:-1].strip()
-        return [_parse_value(x, where) for x in _split_top(inner, ",")] if inner else []
+        return [_parse_value(x, where) for x in split_top(inner, ",")] if inner else []
     try:
         return ast.literal_eval(s)
     except (ValueError, SyntaxError):
@@ -128,7 +128,7 @@ def _parse_part(part: str, spec: str) -> tuple[str, dict[str, Any]]:
     name, body = m.group(1), m.group(2)
     args: dict[str, Any] = {}
     if body is not None and body.strip():
-        for item in _split_top(body, ","):
+        for item in split_top(body, ","):
             if "=" not in item:
                 raise SpecError(f"malformed argument {item.strip()!r} in {p!r}: expected key=value")
             k, v = item.split("=", 1)
@@ -139,6 +139,22 @@ def _parse_part(part: str, spec: str) -> tuple[str, dict[str, Any]]:
                 raise SpecError(f"argument {k!r} given twice in {p!r}")
             args[k] = _parse_value(v, p)
     return name, args
+
+
+def with_budget(part: str, **budget: Any) -> str:
+    """One spec part with ``budget`` arguments added: ``"tome"`` -> ``"tome(keep_ratio=0.35)"``,
+    ``"ipcv(stabilize_layers=3)"`` -> ``"ipcv(stabilize_layers=3,keep_ratio=0.35)"``; ``"none"`` stays ``"none"``.
+    A budget argument the part already sets raises :class:`SpecError`."""
+    name, args = _parse_part(part, part)
+    if name == "none" or not budget:
+        return part.strip()
+    twice = sorted(set(args) & set(budget))
+    if twice:
+        raise SpecError(f"{part.strip()!r} already sets {', '.join(twice)}; give the budget once (in the part or "
+                        "through the budget option, not both)")
+    extra = ",".join(f"{k}={format_value(v)}" for k, v in budget.items())
+    p = part.strip()
+    return f"{p[:-1]},{extra})" if args else f"{name}({extra})"
 
 
 def build_pair(parts: list[tuple[str, dict[str, Any]]], registry=None, source: str = "",
@@ -177,7 +193,7 @@ def parse_spec(spec: str, registry=None) -> Pair:
         raise SpecError(f"a spec must be a string, got {type(spec).__name__}")
     if not spec.strip():
         raise SpecError("empty spec; example: 'pool(keep_ratio=0.5)+random(keep_ratio=0.5)' or 'none'")
-    parts = [_parse_part(p, spec) for p in _split_top(spec, "+")]
+    parts = [_parse_part(p, spec) for p in split_top(spec, "+")]
     if len(parts) > 2:
         raise ConfigError(f"spec {spec!r} has {len(parts)} parts; at most one vision compressor and one LLM pruner")
     return build_pair(parts, registry, spec)

@@ -59,6 +59,9 @@ def test_matched_baselines_share_budget_and_pruning_point():
     assert [c.label for c in configs] == ["unmodified", "fastv", "random(keep_ratio=0.5,layer=2)", "tome",
                                           "random(keep_ratio=0.5,layer=11)", "ipcv+dart"]
     assert configs[2].baseline_of == "fastv" and configs[-1].spec == "ipcv(keep_ratio=0.5)+dart(keep_ratio=0.5)"
+    own = acc.configs_for(["ipcv(stabilize_layers=3)", "tome(order=spatial)+fastv(layer=3)"], [0.35], depths)
+    assert [c.spec for c in own[1:]] == ["ipcv(stabilize_layers=3,keep_ratio=0.35)+none",
+                                         "tome(order=spatial,keep_ratio=0.35)+fastv(layer=3,keep_ratio=0.35)"]
 
 
 def test_the_harness_on_a_tiny_llava(tiny_vlm_factory, tmp_path):

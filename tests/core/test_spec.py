@@ -88,3 +88,29 @@ def test_public_get_and_listing():
     assert [c.name for c in tokcomp.list_strategies(pattern="poo*")] == ["pool"]
     with pytest.raises(ConfigError, match="stage must be"):
         tokcomp.list_strategies(stage="vit")
+
+
+def test_with_budget_adds_to_a_parts_own_arguments(registry):
+    from tokcomp.spec import split_top, with_budget
+    assert with_budget("tome", keep_ratio=0.35) == "tome(keep_ratio=0.35)"
+    assert with_budget(" ipcv(stabilize_layers=3) ", keep_ratio=0.2) == "ipcv(stabilize_layers=3,keep_ratio=0.2)"
+    assert with_budget("none", keep_ratio=0.5) == "none"
+    assert with_budget("dart(layer=2)") == "dart(layer=2)"
+    pair = parse_spec("+".join(with_budget(p, keep_ratio=0.5)
+                               for p in split_top("ipcv(prune_layer=2,stabilize_layers=1)+dart", "+")), registry)
+    assert pair.vision.config.stabilize_layers == 1 and pair.vision.config.keep_ratio == 0.5
+    assert pair.llm.config.keep_ratio == 0.5
+    with pytest.raises(SpecError, match="already sets keep_ratio"):
+        with_budget("tome(keep_ratio=0.5)", keep_ratio=0.35)
+    assert split_top("ipcv(a=1,b=2),tome", ",") == ["ipcv(a=1,b=2)", "tome"]
+
+
+def test_bench_pairs_may_carry_arguments(registry):
+    from tokcomp.bench import specs_for
+    got = specs_for("ipcv(prune_layer=2,stabilize_layers=1)+dart, tome ,none", [0.5, 0.2], registry)
+    assert got == [("none", None, None),
+                   ("ipcv(prune_layer=2,stabilize_layers=1)+dart", 0.5,
+                    "ipcv(prune_layer=2,stabilize_layers=1,keep_ratio=0.5)+dart(keep_ratio=0.5)"),
+                   ("ipcv(prune_layer=2,stabilize_layers=1)+dart", 0.2,
+                    "ipcv(prune_layer=2,stabilize_layers=1,keep_ratio=0.2)+dart(keep_ratio=0.2)"),
+                   ("tome", 0.5, "tome(keep_ratio=0.5)"), ("tome", 0.2, "tome(keep_ratio=0.2)")]

@@ -154,26 +154,32 @@ def _shape(name: str, dtype: str, llm: bool):
     raise SystemExit(f"unknown --shape {name!r}; use qwen2-vl-2b or llava-small")
 
 
-def _paired(call, model, ref, pairs: int, session) -> tuple[float, tuple[float, float], float, object]:
-    """Time ``call(model)`` inside ``session()`` against ``call(ref)`` on ``ref``, an unmodified deep copy, one call
-    each, back to back, ``pairs`` times (after one warm-up of each), so the drift of a shared machine hits both
-    sides of every pair. Returns (median of the pair ratios, (first, third) quartile of the ratios, median
-    unmodified s, the session)."""
+def _alternate(base, other, pairs: int) -> tuple[float, tuple[float, float], float]:
+    """Time ``other()`` against ``base()``, one call each, back to back, ``pairs`` times (after one warm-up of each),
+    so the drift of a shared machine hits both sides of every pair. Returns (median of the pair ratios
+    other / base, (first, third) quartile of the ratios, median base s)."""
     from time import perf_counter
-    with session() as s:
-        call(ref)
-        call(model)
-        ratios, bases = [], []
-        for _ in range(pairs):
-            t0 = perf_counter()
-            call(ref)
-            t1 = perf_counter()
-            call(model)
-            t2 = perf_counter()
-            ratios.append((t2 - t1) / (t1 - t0))
-            bases.append(t1 - t0)
+    base()
+    other()
+    ratios, bases = [], []
+    for _ in range(pairs):
+        t0 = perf_counter()
+        base()
+        t1 = perf_counter()
+        other()
+        t2 = perf_counter()
+        ratios.append((t2 - t1) / (t1 - t0))
+        bases.append(t1 - t0)
     q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
-    return statistics.median(ratios), (q[0], q[2]), statistics.median(bases), s
+    return statistics.median(ratios), (q[0], q[2]), statistics.median(bases)
+
+
+def _paired(call, model, ref, pairs: int, session) -> tuple[float, tuple[float, float], float, object]:
+    """:func:`_alternate` of ``call(model)`` inside ``session()`` against ``call(ref)`` on ``ref``, an unmodified deep
+    copy. Returns (median pair ratio, its IQR, median unmodified s, the session)."""
+    with session() as s:
+        ratio, iqr, base = _alternate(lambda: call(ref), lambda: call(model), pairs)
+    return ratio, iqr, base, s
 
 
 def _tower_bench(args):
@@ -275,7 +281,6 @@ def merge_ceiling(args):
 def _layers_ratio(vlm, counts, n, pairs):
     """(median, IQR) of the time of a plain ViT's own layers on ``counts[i]`` tokens at layer ``i`` against all
     layers on ``n`` tokens, alternating call by call (no tokcomp involved)."""
-    from time import perf_counter
     layers = vlm.model.vision_tower.encoder.layer
     x = torch.randn(1, n, vlm.config.vision_config.hidden_size, dtype=next(vlm.parameters()).dtype)
 
@@ -285,17 +290,8 @@ def _layers_ratio(vlm, counts, n, pairs):
                 out = layer(x[:, :c])
                 _ = out[0] if isinstance(out, tuple) else out
     full = [n] * len(counts)
-    run(full)
-    run(counts)
-    ratios = []
-    for _ in range(pairs):
-        t0 = perf_counter()
-        run(full)
-        t1 = perf_counter()
-        run(counts)
-        ratios.append((perf_counter() - t1) / (t1 - t0))
-    q = statistics.quantiles(ratios, n=4)
-    return statistics.median(ratios), (q[0], q[2])
+    ratio, iqr, _ = _alternate(lambda: run(full), lambda: run(counts), pairs)
+    return ratio, iqr
 
 
 def llm_table(args):
